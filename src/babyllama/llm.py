@@ -1,0 +1,108 @@
+"""`babyllama.load(path)`: a trained model with its tokenizer, ready to generate (seed 4's
+litgpt-style API).
+
+    llm = babyllama.load("runs/demo/pretrain")
+    llm.generate("中国", max_new_tokens=50, temperature=0.8, top_k=50)
+    for piece in llm.stream("今天"):
+        print(piece, end="")
+
+`path` is a run directory (config.yaml + model.safetensors + tokenizer/) or a transformers
+Llama directory (config.json + model.safetensors + tokenizer files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from babyllama.config import read_run_config
+from babyllama.errors import UserError
+from babyllama.infer.generate import SamplingConfig, generate_ids
+from babyllama.model.llama import Llama, ModelConfig
+from babyllama.tokenizer import Tokenizer
+from babyllama.train.checkpoint import load_weights
+from babyllama.train.distributed import pick_device
+
+HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                  "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range")
+
+
+def model_config_from_hf(path: Path) -> ModelConfig:
+    d = json.loads(path.read_text(encoding="utf-8"))
+    if d.get("model_type") != "llama":
+        raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if "rope_theta" not in d and "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"{path}: rope scaling {rope.get('rope_type')!r} is not supported")
+    return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
+
+
+class LLM:
+    def __init__(self, model: Llama, tokenizer: Tokenizer, device: torch.device):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "LLM":
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: no such run directory")
+        if (path / "config.yaml").exists():
+            config = read_run_config(path).model
+        elif (path / "config.json").exists():
+            config = model_config_from_hf(path / "config.json")
+        else:
+            raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
+                            "directory (no config.json)")
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            raise UserError(f"{path}: no model.safetensors (has the run saved a checkpoint yet?)")
+        tok_path = path / "tokenizer" if (path / "tokenizer").exists() else path
+        tokenizer = Tokenizer.load(tok_path)
+        model = Llama(config)
+        load_weights(model, weights)
+        dev = pick_device(device)
+        return cls(model.to(dev), tokenizer, dev)
+
+    def _ids(self, prompt: str) -> list[int]:
+        return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 64, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> str | list[str]:
+        """The continuation of `prompt` (a list of prompts gives a list of continuations)."""
+        if isinstance(prompt, list):
+            return [self.generate(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+                    for p in prompt]
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
+                                   repetition_penalty, seed))
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0,
+               seed: int | None = None) -> Iterator[str]:
+        """Yield the continuation piece by piece; a piece never ends inside a multi-byte
+        character (byte-level tokens can split one across two tokens)."""
+        cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        ids: list[int] = []
+        emitted = ""
+        for token in generate_ids(self.model, self._ids(prompt), cfg, stop_ids=(self.tokenizer.eos_id,)):
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):
+                continue  # wait for the rest of the character
+            yield text[len(emitted):]
+            emitted = text
+        text = self.tokenizer.decode(ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+
+def load(path: str | Path, device: str = "auto") -> LLM:
+    return LLM.load(path, device)

@@ -1,0 +1,300 @@
+"""The Llama model, in one file, top to bottom.
+
+RMSNorm -> rotary position embeddings (RoPE) -> grouped-query attention -> SwiGLU MLP, stacked
+into decoder layers. Parameter names and the RoPE layout are exactly those of transformers'
+`LlamaForCausalLM` (`model.embed_tokens.weight`, `model.layers.0.self_attn.q_proj.weight`, ...,
+`lm_head.weight`), so a state dict copied between the two gives the same logits
+(tests/test_model.py checks it). Export is then a config translation, and LoRA adapters use
+the module names peft expects on a Llama.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    # Field names follow transformers' LlamaConfig so that export is a plain copy.
+    vocab_size: int = 8000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def problems(self) -> list[str]:
+        """Every impossible value, as readable sentences (empty when the config is valid)."""
+        out = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                out.append(f"model.{name} must be positive, got {getattr(self, name)}")
+        if out:
+            return out
+        if self.hidden_size % self.num_attention_heads:
+            out.append(f"model.num_attention_heads ({self.num_attention_heads}) must divide "
+                       f"model.hidden_size ({self.hidden_size})")
+        elif self.head_dim % 2:
+            out.append(f"head dimension hidden_size/num_attention_heads = {self.head_dim} must be "
+                       "even for rotary embeddings")
+        if self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
+            out.append(f"model.num_key_value_heads ({self.kv_heads}) must divide "
+                       f"model.num_attention_heads ({self.num_attention_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_theta <= 0:
+            out.append(f"model.rope_theta must be positive, got {self.rope_theta}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16/fp16 (as transformers does): the mean of squares
+        # overflows fp16 and loses precision in bf16.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_positions, head_dim), in fp32.
+
+    The layout is transformers' Llama one ("rotate_half"): the first half of each head's dims
+    pairs with the second half, not interleaved pairs as in the original Meta code. Matching it
+    means checkpoints move between the two without permuting q_proj/k_proj.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.int64).float()
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotate in fp32 even under bf16/fp16: positions far into the context lose their angle
+    # resolution in 8 bits of mantissa.
+    dtype = x.dtype
+    x = x.float()
+    return (x * cos + rotate_half(x) * sin).to(dtype)
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: (layers, batch, kv_heads, positions, head_dim).
+
+    Decoding writes one position per step into the same tensors instead of concatenating,
+    so memory is allocated once per generation.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_len,
+                 config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (the same for every layer)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # The fused SDPA kernels (flash, memory-efficient, CPU flash) accumulate the softmax in
+        # fp32 whatever the input dtype, which is the "fp32 softmax" seed 3 needed for bf16.
+        # A query block that starts at position 0 is plain causal; anything else (decoding
+        # after a prefix, padded batches) passes an explicit mask.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class LlamaBackbone(nn.Module):
+    """Holds what transformers calls `model.*`: embeddings, layers and the final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        problems = config.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.config = config
+        self.model = LlamaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        # Not persistent: the state dict keeps exactly transformers' keys.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection is shrunk by
+        # 1/sqrt(2 * layers) so the residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0,
+                                std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                last_only: bool = False):
+        """Logits for every position (or only the last), and the mean cross-entropy if `targets`.
+
+        `cache`: decode incrementally; positions continue from `cache.pos`, which advances by T.
+        `attn_mask`: boolean (B or 1, 1, T, cache.pos + T), True where attention is allowed; needed
+        for padded batches. Targets equal to -100 are ignored in the loss.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+                             f"({self.config.max_position_embeddings})")
+        cos = self.rope_cos[start:start + T]
+        sin = self.rope_sin[start:start + T]
+        if attn_mask is None and start > 0 and T > 1:
+            # A block of new tokens after a cached prefix: causal, shifted by `start`.
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        x = self.embed_dropout(self.model.embed_tokens(input_ids))
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                # Recompute each layer's activations in the backward pass (seed 2 fit a 92M
+                # model on 6 GB this way): memory per layer drops to its input only.
+                x = checkpoint(layer, x, cos, sin, None, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            # Cross-entropy in fp32: a bf16 log-softmax over tens of thousands of classes is noisy.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
+                       device=p.device, dtype=p.dtype)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part; a tied LM head counts 0 since it shares the embedding."""
+        embedding = self.model.embed_tokens.weight.numel()
+        head = 0 if self.config.tie_word_embeddings else self.lm_head.weight.numel()
+        layers = sum(p.numel() for p in self.model.layers.parameters())
+        norm = self.model.norm.weight.numel()
+        return {"embedding": embedding, "lm_head": head, "layers": layers, "final_norm": norm,
+                "total": embedding + head + layers + norm}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d*T."""
+        n = self.parameter_counts()
+        matmul_params = n["total"] - n["embedding"] + (n["embedding"] if self.config.tie_word_embeddings else 0)
+        c = self.config
+        return 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * seq_len

@@ -1,0 +1,460 @@
+"""One `Tokenizer` class over two backends: HF `tokenizers` (our trained byte-level BPE, or any
+`tokenizer.json`) and SentencePiece `.model` files (ChatGLM, Chinese-LLaMA: the tokenizers the
+seeds reuse).
+
+The rest of the package sees only this class, so it never needs to know which backend is in
+use. Special tokens are looked up by role (`bos`, `eos`, `pad`, ...) and their ids are always
+read from the tokenizer: seed 3 lost time to a tokenizer whose pad was not where it assumed.
+
+Rule for loaded tokenizers: their own ids are kept; any of our special tokens they lack is
+appended after their last id (the unk role is the exception: a byte-level tokenizer has no
+use for one, so `unk_id` may be None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from babyllama.errors import UserError
+
+# Role -> token string. Order matters: a trained tokenizer reserves these at ids 0..k-1 in
+# this order, so bos=0, eos=1, pad=2, unk=3. The `<|reserved_N|>` slots let later features
+# add tokens without shifting ids of an already trained model.
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<s>",
+    "eos": "</s>",
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "image": "<|image|>",
+    **{f"reserved_{i}": f"<|reserved_{i}|>" for i in range(6)},
+}
+
+HF_FILE = "tokenizer.json"
+SP_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # written by transformers
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers keep the template here
+
+# Roles whose names transformers' configs spell `<role>_token`.
+_HF_NAMED_ROLES = ("bos", "eos", "pad", "unk")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace, so a crash never leaves a
+    half-written tokenizer that a later run would load."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------
+# Backends: the minimal surface `Tokenizer` needs from each library.
+
+
+class _HFBackend:
+    """HF `tokenizers.Tokenizer`. Special tokens are registered as *special added tokens*, so
+    the encoder never splits them and `decode(skip_special_tokens=True)` drops them."""
+
+    kind = "hf-bpe"
+    file_name = HF_FILE
+
+    def __init__(self, tk):
+        self.tk = tk
+        # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
+        self._batch = getattr(tk, "encode_batch_fast", tk.encode_batch)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
+
+    def register_special(self, tokens: Sequence[str]) -> None:
+        """Existing tokens keep their ids (and become special); missing ones are appended."""
+        from tokenizers import AddedToken
+
+        self.tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+
+    def added_tokens(self) -> list[dict]:
+        return [
+            {"id": i, "content": t.content, "special": t.special}
+            for i, t in sorted(self.tk.get_added_tokens_decoder().items())
+        ]
+
+    # add_special_tokens=False everywhere: a loaded tokenizer.json may carry a post-processor
+    # that adds bos itself; `Tokenizer.encode(add_bos=...)` is the one place that decides.
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_file(self, path: Path) -> None:
+        atomic_write_bytes(path, self.tk.to_str(pretty=True).encode("utf-8"))
+
+
+class _SentencePieceBackend:
+    """A SentencePiece model plus special tokens appended after its last piece.
+
+    SentencePiece cannot learn new pieces after training, so the appended specials live here:
+    `encode` splits the text on every special-token string, encodes the pieces between them
+    with SentencePiece and inserts the special ids (what transformers' LlamaTokenizer does).
+    One consequence worth knowing: each piece between specials is encoded on its own, so
+    models with a dummy-prefix normalizer (Llama) see "▁user" after `<|im_start|>`.
+    """
+
+    kind = "sentencepiece"
+    file_name = SP_FILE
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.base_size = sp.get_piece_size()
+        self.appended: list[str] = []  # ids base_size, base_size + 1, ...
+        self.special_ids: dict[int, str] = {}
+        self._split = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_size + len(self.appended)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.appended:
+            return self.base_size + self.appended.index(token)
+        i = self.sp.piece_to_id(token)  # returns unk_id for unknown pieces: check it
+        return i if 0 <= i < self.base_size and self.sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, i: int) -> str | None:
+        if 0 <= i < self.base_size:
+            return self.sp.id_to_piece(i)
+        if 0 <= i - self.base_size < len(self.appended):
+            return self.appended[i - self.base_size]
+        return None
+
+    def register_special(self, tokens: Sequence[str]) -> None:
+        for t in tokens:
+            if self.token_to_id(t) is None:
+                self.appended.append(t)
+            self.special_ids[self.token_to_id(t)] = t
+        # Longest first so that one special token that prefixes another cannot win.
+        alternatives = sorted(set(self.special_ids.values()), key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    def added_tokens(self) -> list[dict]:
+        return [
+            {"id": self.base_size + k, "content": t, "special": True}
+            for k, t in enumerate(self.appended)
+        ]
+
+    def _segments(self, text: str) -> list[str]:
+        # re.split with one capture group alternates [text, special, text, special, ..., text].
+        return self._split.split(text) if self._split else [text]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Encode every between-specials piece of every text in ONE SentencePiece batch call
+        # (it runs them on several threads), then stitch the results back together.
+        split = [self._segments(t) for t in texts]
+        plain = [seg for segs in split for seg in segs[0::2] if seg]
+        encoded = iter(self.sp.encode(plain) if plain else [])
+        out = []
+        for segs in split:
+            ids: list[int] = []
+            for k, seg in enumerate(segs):
+                if k % 2:
+                    ids.append(self.token_to_id(seg))
+                elif seg:
+                    ids.extend(next(encoded))
+            out.append(ids)
+        return out
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self.special_ids:
+                if run:
+                    parts.append(self.sp.decode(run))
+                    run = []
+                if not skip_special_tokens:
+                    parts.append(self.special_ids[i])
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.sp.decode(run))
+        return "".join(parts)
+
+    def save_file(self, path: Path) -> None:
+        atomic_write_bytes(path, self.sp.serialized_model_proto())
+
+
+# ----------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Text <-> ids, with special tokens addressed by role. See docs/CONTRACTS.md."""
+
+    def __init__(self, backend, special_tokens: dict[str, str], chat_template: str | None = None,
+                 pretokenizer: str | None = None):
+        """Use `Tokenizer.load` or `train_tokenizer`; this registers `special_tokens` (role ->
+        token string) on `backend`, appending the ones it lacks."""
+        self._backend = backend
+        backend.register_special(list(dict.fromkeys(special_tokens.values())))
+        self.special_tokens: dict[str, str] = dict(special_tokens)
+        self.special_token_ids: dict[str, int] = {
+            role: backend.token_to_id(tok) for role, tok in special_tokens.items()
+        }
+        self.chat_template = chat_template
+        self.pretokenizer = pretokenizer  # name used by train_tokenizer, None when loaded
+
+    # -- ids ---------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self._backend.kind
+
+    @property
+    def backend(self):
+        """The wrapped `tokenizers.Tokenizer` or `sentencepiece.SentencePieceProcessor`."""
+        return self._backend.tk if self.kind == "hf-bpe" else self._backend.sp
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_token_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_token_ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_token_ids["pad"]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.special_token_ids.get("unk")
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._backend.id_to_token(i)
+
+    # -- text --------------------------------------------------------------------------
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self._wrap(self._backend.encode(text), add_bos, add_eos)
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = False,
+                     add_eos: bool = False) -> list[list[int]]:
+        return [self._wrap(ids, add_bos, add_eos) for ids in self._backend.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Never raises on a prefix of valid ids (streaming): an incomplete UTF-8 sequence at
+        the end decodes to U+FFFD until the rest of its bytes arrive."""
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = next((i for i in ids if not 0 <= i < n), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {n})")
+        return self._backend.decode(ids, skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id}, unk={self.unk_id})")
+
+    # -- files -------------------------------------------------------------------------
+    def config(self) -> dict:
+        """Contents of tokenizer_config.json. `*_token` and `chat_template` use transformers'
+        key names so export can copy them."""
+        cfg: dict = {"kind": self.kind}
+        if self.kind == "hf-bpe":
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for role in _HF_NAMED_ROLES:
+            cfg[f"{role}_token"] = self.special_tokens.get(role)
+        cfg["special_tokens"] = dict(self.special_tokens)
+        cfg["special_token_ids"] = dict(self.special_token_ids)
+        cfg["added_tokens"] = self._backend.added_tokens()
+        cfg["chat_template"] = self.chat_template
+        if self.pretokenizer:
+            cfg["pretokenizer"] = self.pretokenizer
+        return cfg
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json or tokenizer.model, plus tokenizer_config.json."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._backend.save_file(d / self._backend.file_name)
+        text = json.dumps(self.config(), ensure_ascii=False, indent=2) + "\n"
+        atomic_write_bytes(d / CONFIG_FILE, text.encode("utf-8"))
+        return d
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a directory written by `save`, a directory holding tokenizer.json or
+        tokenizer.model (with optional transformers configs), or one of those files."""
+        return _load(Path(path))
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def _load(path: Path) -> Tokenizer:
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory (expected a tokenizer directory, "
+                        f"a {HF_FILE} or a SentencePiece .model file)")
+    if path.is_dir():
+        directory = path
+        file = next((path / n for n in (HF_FILE, SP_FILE) if (path / n).is_file()), None)
+        if file is None:
+            raise UserError(f"{path}: directory holds neither {HF_FILE} nor {SP_FILE}")
+    else:
+        file = path
+        # Sibling configs belong to the file only under the standard names (HF layout).
+        directory = path.parent if path.name in (HF_FILE, SP_FILE) else None
+
+    backend = _open_hf(file) if file.suffix == ".json" else _open_sentencepiece(file)
+    cfg = _read_configs(directory) if directory else {}
+    if cfg.get("kind") in ("hf-bpe", "sentencepiece") and cfg["kind"] != backend.kind:
+        raise UserError(f"{directory / CONFIG_FILE}: says kind {cfg['kind']!r} "
+                        f"but {file.name} is {backend.kind!r}")
+    if backend.kind == "sentencepiece":
+        _restore_appended(backend, cfg, directory)
+    tok = Tokenizer(backend, _resolve_special_tokens(backend, cfg),
+                    chat_template=cfg.get("chat_template"))
+    _check_saved_ids(tok, cfg, directory)
+    return tok
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _open_hf(file: Path) -> _HFBackend:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return _HFBackend(HFTokenizer.from_file(str(file)))
+    except Exception as e:  # tokenizers raises plain Exception with a serde message
+        raise UserError(f"{file}: not a tokenizers tokenizer.json ({_first_line(e)})") from None
+
+
+def _open_sentencepiece(file: Path) -> _SentencePieceBackend:
+    import sentencepiece as spm
+
+    try:
+        return _SentencePieceBackend(spm.SentencePieceProcessor(model_file=str(file)))
+    except Exception as e:
+        raise UserError(f"{file}: not a SentencePiece model ({_first_line(e)})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read tokenizer config ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_name(value) -> str | None:
+    """transformers writes special tokens either as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_configs(directory: Path) -> dict:
+    """Our tokenizer_config.json, or transformers' tokenizer_config.json +
+    special_tokens_map.json (the latter wins, as in transformers) + chat_template.jinja."""
+    cfg: dict = {}
+    for name in (CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+        if (directory / name).is_file():
+            data = _read_json(directory / name)
+            cfg.update({k: v for k, v in data.items() if v is not None})
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # transformers' named-templates form
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
+        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    cfg["chat_template"] = template if isinstance(template, str) else None
+    return cfg
+
+
+def _resolve_special_tokens(backend, cfg: dict) -> dict[str, str]:
+    """Role -> token string. Priority: a SentencePiece model's own bos/eos/unk pieces, then
+    names from the config (ours or transformers'), then our defaults (appended if absent)."""
+    saved = cfg.get("special_tokens") if isinstance(cfg.get("special_tokens"), dict) else {}
+    own = {}
+    if backend.kind == "sentencepiece":
+        sp = backend.sp
+        own = {r: sp.id_to_piece(i) for r, i in
+               (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()),
+                ("unk", sp.unk_id())) if i >= 0}
+    tokens: dict[str, str] = {}
+    for role in dict.fromkeys([*SPECIAL_TOKENS, *saved]):
+        name = (own.get(role) or _token_name(saved.get(role))
+                or _token_name(cfg.get(f"{role}_token")) or SPECIAL_TOKENS.get(role))
+        # A tokenizer without unk (byte-level BPE) gets none: nothing could ever produce it.
+        if role == "unk" and backend.token_to_id(name) is None:
+            continue
+        if name:
+            tokens[role] = name
+    return tokens
+
+
+def _restore_appended(backend: _SentencePieceBackend, cfg: dict, directory: Path | None) -> None:
+    """Re-append a saved SentencePiece tokenizer's extra tokens in their saved id order, so
+    ids survive save/load even if SPECIAL_TOKENS grows in a later version."""
+    added = sorted((a for a in cfg.get("added_tokens") or [] if isinstance(a, dict)),
+                   key=lambda a: a.get("id", -1))
+    for a in added:
+        if a.get("id") != backend.vocab_size or not isinstance(a.get("content"), str):
+            raise UserError(f"{directory / CONFIG_FILE}: added token {a!r} does not follow "
+                            f"the model's {backend.vocab_size} ids")
+        backend.appended.append(a["content"])
+
+
+def _check_saved_ids(tok: Tokenizer, cfg: dict, directory: Path | None) -> None:
+    saved = cfg.get("special_token_ids")
+    if not isinstance(saved, dict):
+        return
+    for role, i in saved.items():
+        if tok.special_token_ids.get(role) != i:
+            raise UserError(f"{directory / CONFIG_FILE}: special token {role!r} has id {i} "
+                            f"there but {tok.special_token_ids.get(role)} in the tokenizer file")

@@ -1,0 +1,54 @@
+"""Pretraining batches drawn from token shards as a pure function of (seed, step).
+
+The windows for optimizer step `s` come from `np.random.default_rng([seed, s])`: no loader
+state to save, so a resumed run sees exactly the batches it would have seen, and a run on W
+processes sees the same global batch as one process (each rank takes its slice).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from babyllama.data.shards import TokenShards
+
+
+class PretrainBatches:
+    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, grad_accum: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.shards = shards
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * self.world_size
+
+    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        n = self.grad_accum * self.world_size * self.batch_size
+        starts = self.shards.random_starts(rng, n, self.seq_len + 1)
+        starts = starts.reshape(self.grad_accum, self.world_size * self.batch_size)[micro]
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return windows_to_batch(self.shards.windows(starts, self.seq_len + 1), device)
+
+
+def windows_to_batch(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+    if device is not None and torch.device(device).type == "cuda":
+        w = w.pin_memory().to(device, non_blocking=True)
+    else:
+        w = w.to(device)
+    return w[:, :-1], w[:, 1:]
+
+
+def validation_windows(shards: TokenShards, seq_len: int, n: int) -> np.ndarray:
+    """A fixed set of validation windows: evenly spaced, so every eval scores the same text."""
+    if n <= 0:
+        return np.zeros((0, seq_len + 1), dtype=np.int64)
+    last = shards.n_tokens - (seq_len + 1)
+    starts = np.linspace(0, last, num=n).astype(np.int64)
+    return shards.windows(np.unique(starts), seq_len + 1)

@@ -1,0 +1,67 @@
+"""`metrics.jsonl` (one JSON object per logged event) and the loss-versus-tokens plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from babyllama.atomic import atomic_path, atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is None:
+            atomic_write_text(self.path, "")
+        elif self.path.exists():
+            # Drop what was logged after the resume point, so a resumed run's log reads as if
+            # it had never stopped.
+            kept = [line for line in self.read() if line.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                pass
+        return out
+
+
+def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
+    """Training loss (raw and smoothed) and validation loss against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        x, y = zip(*train)
+        ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
+        smooth, s = [], y[0]
+        for v in y:
+            s = 0.9 * s + 0.1 * v
+            smooth.append(s)
+        ax.plot(x, smooth, color="tab:blue", label="train (smoothed)")
+    if val:
+        x, y = zip(*val)
+        ax.plot(x, y, "o-", color="tab:orange", label="validation")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""Pretraining: prepared token shards in, a run directory out.
+
+Wires the pieces together: resolved config -> tokenizer -> model -> batches -> the trainer loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from babyllama.config import RunConfig, check, save_config
+from babyllama.data.shards import TokenShards
+from babyllama.errors import UserError
+from babyllama.model.llama import Llama
+from babyllama.tokenizer import Tokenizer
+from babyllama.train.batches import PretrainBatches, validation_windows
+from babyllama.train.distributed import cleanup, init_distributed
+from babyllama.train.trainer import EvalSet, train
+
+
+def find_tokenizer(cfg: RunConfig) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    candidate = Path(cfg.data) / "tokenizer"
+    if candidate.exists():
+        return str(candidate)
+    raise UserError(f"{cfg.data}: no tokenizer/ next to the prepared data; pass --tokenizer PATH")
+
+
+def resolve_against_data(cfg: RunConfig, tokenizer: Tokenizer, shards: TokenShards) -> None:
+    """The model's vocabulary comes from the tokenizer; the data must have been made with it."""
+    if shards.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"{cfg.data}: prepared with a tokenizer of {shards.vocab_size} tokens, but "
+                        f"the tokenizer has {tokenizer.vocab_size}; run `babyllama prepare` again")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.train.seq_len > cfg.model.max_position_embeddings:
+        raise UserError(f"config: train.seq_len ({cfg.train.seq_len}) is longer than "
+                        f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
+
+
+def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
+    if not cfg.data:
+        raise UserError("no data: pass --data DIR (a directory made by `babyllama prepare`)")
+    run_dir = Path(cfg.out_dir)
+    if not resume and (run_dir / "resume").exists():
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    check(cfg)
+    info, device = init_distributed(cfg.train.device)
+    try:
+        tokenizer = Tokenizer.load(find_tokenizer(cfg))
+        shards = TokenShards(cfg.data, "train")
+        resolve_against_data(cfg, tokenizer, shards)
+        if info.is_main:
+            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            tokenizer.save(run_dir / "tokenizer")
+
+        torch.manual_seed(cfg.train.seed)
+        model = Llama(cfg.model)
+        counts = model.parameter_counts()
+        if info.is_main:
+            print(f"model: {counts['total'] / 1e6:.2f}M parameters "
+                  f"({counts['embedding'] / counts['total']:.0%} embedding) on {device}, "
+                  f"{info.world_size} process(es)")
+        t = cfg.train
+        train_data = PretrainBatches(shards, t.seq_len, t.batch_size, t.grad_accum, t.seed,
+                                     info.rank, info.world_size)
+        eval_set = None
+        try:
+            val = TokenShards(cfg.data, "val")
+            if val.n_tokens > t.seq_len + 1:
+                windows = validation_windows(val, t.seq_len, t.eval_batches * t.batch_size)
+                eval_set = EvalSet.from_windows(windows, t.batch_size, tokenizer)
+        except UserError:
+            pass  # no validation split: train without evaluation
+        if eval_set is None and info.is_main:
+            print("note: no usable validation split; periodic evaluation is off")
+        train(cfg, model, tokenizer, train_data, eval_set, run_dir, device, info, resume=resume)
+    finally:
+        cleanup(info)
+    return run_dir

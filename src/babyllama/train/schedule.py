@@ -1,0 +1,32 @@
+"""Learning-rate schedules: linear warmup, then cosine / linear decay to a floor, or
+warmup-stable-decay (WSD, MiniCPM 2024: constant lr, then a short decay at the end).
+
+A pure function of the step, so a resumed run needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+
+from babyllama.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    last = cfg.max_steps - 1  # the final step runs at the floor
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.max_steps * cfg.decay_fraction))
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - decay_steps)
+        if step < decay_start:
+            return peak
+        progress = (step - decay_start) / max(1, last - decay_start)
+        return peak - (peak - floor) * min(1.0, progress)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, last - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return peak - (peak - floor) * progress
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny tokenizer and prepared corpus, built once per session.
+
+Everything is small enough for 2 CPU cores. Tests that read ../shared/data skip when it is
+absent (a user's checkout will not have it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+SENTENCES = [
+    "今天天气很好，我们去公园散步。",
+    "中国的经济发展很快，人民生活水平不断提高。",
+    "这个手机的屏幕很大，电池也很耐用。",
+    "机器学习和自然语言处理很有意思。",
+    "人民日报发表新年献词，迈向充满希望的新世纪。",
+    "房间很干净，服务也很周到，下次还会再来。",
+    "The quick brown fox jumps over the lazy dog 123.",
+]
+
+
+def corpus_lines(n: int = 400) -> list[str]:
+    return [f"{SENTENCES[i % len(SENTENCES)]}第{i}号。{SENTENCES[(i * 3 + 1) % len(SENTENCES)]}"
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus_file, tmp_path_factory):
+    from babyllama.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(corpus_lines(), 400, show_progress=False)
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tok.save(out)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_data(corpus_file, tiny_tokenizer, tmp_path_factory) -> Path:
+    from babyllama.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare([str(corpus_file)], tiny_tokenizer, out, val_fraction=0.1, workers=1, progress=False)
+    return out
+
+
+TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+              "model.num_attention_heads=4", "model.num_key_value_heads=2",
+              "model.max_position_embeddings=64"]
+TINY_TRAIN = ["train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2", "train.lr=3e-3",
+              "train.eval_every=0", "train.sample_every=0", "train.eval_batches=2", "train.log_every=1",
+              "train.sample_prompts=[]"]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def babyllama_cmd() -> list[str]:
+    return [sys.executable, "-m", "babyllama.cli"]

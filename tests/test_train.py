@@ -1,0 +1,174 @@
+"""The trainer loop: loss falls, exact resume after SIGKILL, DDP equals one process,
+schedules, and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from babyllama.config import TrainConfig, load_config
+from babyllama.train.schedule import lr_at
+
+from conftest import REPO, TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(babyllama_cmd() + args, env=cli_env(), capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_loss_falls_on_a_tiny_corpus(tiny_data, tmp_path):
+    from babyllama.train.pretrain import run_pretrain
+
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=60", "train.eval_every=30",
+                                                             "train.save_every=60"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(tmp_path / "run")
+    run_pretrain(cfg)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert losses[-1] < losses[0] - 2.0, losses
+    assert len(vals) == 2 and vals[-1] < vals[0]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "model.safetensors", "loss.png", "tokenizer/tokenizer_config.json",
+                 "resume/trainer.json", "resume/optimizer.pt"):
+        assert (run / name).exists(), name
+
+
+def pretrain_args(data: Path, out: Path, steps: int, extra=()) -> list[str]:
+    return (["pretrain", "--preset", "demo-cpu", "--data", str(data), "-o", str(out)]
+            + TINY_MODEL + TINY_TRAIN + [f"train.max_steps={steps}", "train.save_every=5",
+                                         "train.log_every=5", "model.dropout=0.1"] + list(extra))
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(tiny_data, tmp_path):
+    steps = 400
+    straight = run_cli(pretrain_args(tiny_data, tmp_path / "straight", steps))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(babyllama_cmd() + pretrain_args(tiny_data, out, steps), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "resume" / "trainer.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if json.loads(marker.read_text())["step"] >= 100:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads((out / "resume" / "trainer.json").read_text())["step"] \
+        if (out / "resume" / "trainer.json").exists() else None
+    assert killed_at is not None and killed_at < steps
+
+    resumed = run_cli(pretrain_args(tiny_data, out, steps)[:7]
+                      + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The log of the resumed run reads as one run: every step once.
+    steps_logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in json.loads(l)]
+    assert steps_logged == sorted(set(steps_logged))
+
+
+def test_starting_over_an_existing_run_needs_resume(tiny_data, tmp_path):
+    first = run_cli(pretrain_args(tiny_data, tmp_path / "r", 5))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(pretrain_args(tiny_data, tmp_path / "r", 5))
+    assert again.returncode == 2
+    assert "--resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_two_ddp_processes_match_one_process_at_the_same_global_batch(tiny_data, tmp_path):
+    common = TINY_MODEL + [o for o in TINY_TRAIN if not o.startswith("train.batch_size")] + \
+        ["train.max_steps=6", "train.save_every=6", "train.device=cpu"]
+    one = run_cli(["pretrain", "--preset", "demo-cpu", "--data", str(tiny_data), "-o", str(tmp_path / "one"),
+                   "train.batch_size=4"] + common)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "babyllama.cli", "pretrain", "--preset", "demo-cpu", "--data", str(tiny_data),
+         "-o", str(tmp_path / "two"), "train.batch_size=2"] + common,
+        env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    changed = load_file(str(tmp_path / "one" / "resume" / "model.safetensors"))
+    assert changed.keys() == a.keys()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_schedules_warm_up_then_end_at_their_floor(schedule):
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, max_steps=100, schedule=schedule)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1e-3)
+    else:
+        assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+    if schedule == "wsd":
+        assert lrs[79] == pytest.approx(1e-3)  # stable until the last 20% of the steps
+
+
+def test_non_finite_steps_are_skipped_and_logged(tiny_data, tmp_path):
+    """A batch that makes the loss NaN must not touch the weights or the optimizer."""
+    from babyllama.data.shards import TokenShards
+    from babyllama.model.llama import Llama
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.batches import PretrainBatches
+    from babyllama.train.trainer import train
+
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=3", "train.save_every=0"])
+    cfg.model.vocab_size = TokenShards(tiny_data).vocab_size
+    tok = Tokenizer.load(tiny_data / "tokenizer")
+    torch.manual_seed(0)
+    model = Llama(cfg.model)
+
+    class PoisonedStep(PretrainBatches):
+        def get(self, step, micro, device):
+            x, y = super().get(step, micro, device)
+            if step == 1:
+                model.model.norm.weight.data[0] = float("nan")
+            elif step == 2:
+                model.model.norm.weight.data[0] = before_norm
+            return x, y
+
+    data = PoisonedStep(TokenShards(tiny_data), 32, 4, 1, seed=0)
+    snapshot = {}
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        snapshot["calls"] = snapshot.get("calls", 0) + 1
+        return original_step(self, *a, **k)
+
+    torch.optim.AdamW.step = counting_step
+    try:
+        before_norm = float(model.model.norm.weight.data[0])
+        train(cfg, model, tok, data, None, tmp_path, torch.device("cpu"))
+    finally:
+        torch.optim.AdamW.step = original_step
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "skipped" in r] == [2]
+    assert snapshot["calls"] == 2  # steps 1 and 3 updated, step 2 was skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())

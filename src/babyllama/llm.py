@@ -20,7 +20,7 @@ import torch
 
 from babyllama.config import read_run_config
 from babyllama.errors import UserError
-from babyllama.infer.generate import SamplingConfig, generate_ids
+from babyllama.infer.generate import SamplingConfig, generate_ids, stream_text
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
@@ -90,18 +90,8 @@ class LLM:
         """Yield the continuation piece by piece; a piece never ends inside a multi-byte
         character (byte-level tokens can split one across two tokens)."""
         cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        ids: list[int] = []
-        emitted = ""
-        for token in generate_ids(self.model, self._ids(prompt), cfg, stop_ids=(self.tokenizer.eos_id,)):
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):
-                continue  # wait for the rest of the character
-            yield text[len(emitted):]
-            emitted = text
-        text = self.tokenizer.decode(ids)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+        ids = generate_ids(self.model, self._ids(prompt), cfg, stop_ids=(self.tokenizer.eos_id,))
+        yield from stream_text(self.tokenizer, ids)
 
 
 def load(path: str | Path, device: str = "auto") -> LLM:

@@ -116,6 +116,23 @@ def generate_ids(model, prompt_ids: list[int], cfg: SamplingConfig,
         logits, _ = model(next_id, cache=cache)
 
 
+def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces. A byte-level token can hold part of a
+    multi-byte character; a piece is held back until its character is complete."""
+    seen: list[int] = []
+    emitted = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(emitted):]
+        emitted = text
+    text = tokenizer.decode(seen)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
 def generate_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
     """The prompt's continuation as text (the prompt itself is not repeated)."""
     was_training = model.training

@@ -1,0 +1,128 @@
+"""The command line: every subcommand's --help, and bad input ending in one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
+
+
+def run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(babyllama_cmd() + [str(a) for a in args], env=cli_env(), capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("sub", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"],
+                                 ["model", "info"], ["demo"]])
+def test_every_subcommand_has_help(sub):
+    result = run(sub + ["--help"])
+    assert result.returncode == 0 and "usage: babyllama" in result.stdout
+
+
+def test_model_info_prints_the_seeds_parameter_counts():
+    out = run(["model", "info", "92m"]).stdout
+    assert "91,019,520" in out and "embedding" in out and "lm_head" in out
+    out = run(["model", "info", "43m", "--vocab-size", "64789"]).stdout
+    assert "(43.4M)" in out
+    tied = run(["model", "info", "43m", "--vocab-size", "64789", "--tied"]).stdout
+    assert "tied" in tied and "(26.8M)" in tied
+
+
+def test_missing_file_names_the_file(tmp_path, tiny_data):
+    missing = tmp_path / "nope.txt"
+    assert_one_line_error(run(["prepare", missing, "--tokenizer", tiny_data / "tokenizer", "-o", tmp_path / "o"]),
+                          "nope.txt")
+    assert_one_line_error(run(["tokenizer", "train", missing, "-o", tmp_path / "t"]), "nope.txt")
+
+
+def test_empty_corpus_is_refused(tmp_path, tiny_data):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    assert_one_line_error(run(["prepare", empty, "--tokenizer", tiny_data / "tokenizer", "-o", tmp_path / "o"]),
+                          "empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path, tiny_data):
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("第一行\n".encode() + "中文".encode("gbk") + b"\n")
+    assert_one_line_error(run(["prepare", bad, "--tokenizer", tiny_data / "tokenizer", "-o", tmp_path / "o"]),
+                          "gbk.txt:2")
+
+
+def test_malformed_json_line_stops_before_training_unless_skipped(tmp_path, tiny_data):
+    src = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"第{i}条新闻，今天天气很好。"}, ensure_ascii=False) for i in range(30)]
+    lines[4] = '{"text": "broken'
+    lines[9] = '{"title": "no text field"}'
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = tiny_data / "tokenizer"
+    assert_one_line_error(run(["prepare", src, "--tokenizer", tok, "-o", tmp_path / "o"]), "docs.jsonl:5")
+    assert not (tmp_path / "o").exists()
+    skipped = run(["prepare", src, "--tokenizer", tok, "-o", tmp_path / "o", "--skip-bad-records"])
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert sum(s["n_documents"] for s in meta["splits"].values()) == 28
+    assert "2" in json.dumps(meta.get("bad_records", meta))
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.lrr=1e-3", ["unknown config key 'train.lrr'", "did you mean train.lr"]),
+    ("model.num_attention_heads=5", ["must divide model.hidden_size"]),
+    ("train.batch_size=many", ["train.batch_size must be int"]),
+    ("train.precision=fp8", ["train.precision must be one of"]),
+])
+def test_bad_config_values_are_one_line_errors(tiny_data, tmp_path, override, needles):
+    result = run(["pretrain", "--preset", "demo-cpu", "--data", tiny_data, "-o", tmp_path / "r", override])
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_with_unknown_key_names_the_file(tiny_data, tmp_path):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("model:\n  hidden_size: 64\n  num_layers: 2\n", encoding="utf-8")
+    assert_one_line_error(run(["pretrain", "-c", cfg, "--data", tiny_data, "-o", tmp_path / "r"]),
+                          "my.yaml", "model.num_layers", "num_hidden_layers")
+
+
+def test_vocab_smaller_than_the_special_tokens_is_refused(corpus_file, tmp_path):
+    assert_one_line_error(run(["tokenizer", "train", corpus_file, "--vocab-size", "100", "-o", tmp_path / "t"]),
+                          "100")
+
+
+def test_unknown_preset_lists_the_presets(tiny_data, tmp_path):
+    assert_one_line_error(run(["pretrain", "--preset", "huge", "--data", tiny_data, "-o", tmp_path / "r"]),
+                          "huge", "demo-cpu", "92m")
+
+
+def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
+    """tokenizer train -> prepare -> pretrain -> generate, as a user types them."""
+    tok, data, out = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    assert run(["tokenizer", "train", corpus_file, "--vocab-size", "350", "-o", tok]).returncode == 0
+    prep = run(["prepare", corpus_file, "--tokenizer", tok, "-o", data, "--val-fraction", "0.1"])
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert "train:" in prep.stdout and "val:" in prep.stdout
+    train = run(["pretrain", "--preset", "demo-cpu", "--data", data, "-o", out] + TINY_MODEL + TINY_TRAIN
+                + ["train.max_steps=40", "train.sample_every=40", "train.sample_prompts=[今天]"])
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "resolved config" in train.stdout and "num_hidden_layers: 2" in train.stdout
+    assert (out / "samples.txt").read_text(encoding="utf-8").startswith("## step 40\n今天|")
+    gen = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12"])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("今天") and len(gen.stdout.strip()) > 2
+    again = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12"])
+    assert again.stdout == gen.stdout  # greedy is deterministic
+    assert_one_line_error(run(["generate", tmp_path / "nothing", "--prompt", "x"]), "nothing")

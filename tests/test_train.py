@@ -172,3 +172,34 @@ def test_non_finite_steps_are_skipped_and_logged(tiny_data, tmp_path):
     assert [r["step"] for r in records if "skipped" in r] == [2]
     assert snapshot["calls"] == 2  # steps 1 and 3 updated, step 2 was skipped
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed", "bf16-true"])
+def test_every_precision_trains_with_finite_loss(tiny_data, tmp_path, precision):
+    from babyllama.train.pretrain import run_pretrain
+
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=4", "train.save_every=4",
+                                                             f"train.precision={precision}"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(tmp_path / "run")
+    run_pretrain(cfg)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(map(lambda v: v == v and v < 20, losses))
+    assert not any("skipped" in r for r in records)
+    if precision == "fp16-mixed":
+        opt = torch.load(tmp_path / "run" / "resume" / "optimizer.pt", weights_only=True)
+        assert opt["scaler"]["scale"] > 0  # the loss scaler's state is part of the resume state
+
+
+def test_adamw8bit_trains_and_resumes(tiny_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from babyllama.train.pretrain import run_pretrain
+
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=3", "train.save_every=3",
+                                                             "train.optimizer=adamw8bit"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(tmp_path / "run")
+    run_pretrain(cfg)
+    cfg.train.max_steps = 6
+    run_pretrain(cfg, resume=True)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from itertools import islice
 from pathlib import Path
@@ -16,6 +15,7 @@ from babyllama.data.builtin import normalize_fullwidth, untag
 from babyllama.data.readers import BadRecords, iter_documents, iter_sources, require_documents
 from babyllama.data.shards import TokenShards, prepare
 from babyllama.errors import UserError
+from babyllama.tokenizer import train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,53 +27,6 @@ CORPUS = [
     "这本书写得很好，值得一读。",
     "质量太差了，不推荐购买。",
 ] * 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer: the real one (babyllama.tokenizer) when importable, else a stand-in with the same
-# interface built directly on HF tokenizers.
-
-
-class StandInTokenizer:
-    """Minimal byte-level BPE with the Tokenizer contract (used only if the real one is absent)."""
-
-    def __init__(self, tk):
-        self.tk = tk
-        self.bos_id, self.eos_id, self.pad_id = (tk.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
-
-    @property
-    def vocab_size(self):
-        return self.tk.get_vocab_size()
-
-    def encode(self, text, add_bos=False, add_eos=False):
-        ids = self.tk.encode(text).ids
-        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
-
-    def encode_batch(self, texts):
-        return [e.ids for e in self.tk.encode_batch(list(texts))]
-
-    def save(self, directory):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(Path(directory) / "tokenizer.json"))
-        return Path(directory)
-
-    @classmethod
-    def load(cls, path):
-        from tokenizers import Tokenizer as HF
-        path = Path(path)
-        return cls(HF.from_file(str(path / "tokenizer.json" if path.is_dir() else path)))
-
-    @classmethod
-    def train(cls, texts, vocab_size):
-        from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
-        tk = HF(models.BPE())
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        tk.train_from_iterator(texts, trainer=trainer)
-        return cls(tk)
 
 
 class BigVocabTokenizer:
@@ -97,17 +50,9 @@ class BigVocabTokenizer:
         return self.inner.save(directory)
 
 
-def _train(texts, vocab_size):
-    try:
-        from babyllama.tokenizer import train_tokenizer
-    except ImportError:
-        return StandInTokenizer.train(texts, vocab_size)
-    return train_tokenizer(texts, vocab_size, show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return _train(CORPUS * 3, 400)
+    return train_tokenizer(CORPUS * 3, 400, show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,10 +307,6 @@ def test_token_shards_rejects_non_dataset(tmp_path):
 
 def test_prepare_accepts_tokenizer_path(tmp_path, tok):
     tok.save(tmp_path / "tok")
-    try:
-        from babyllama.tokenizer import Tokenizer  # noqa: F401
-    except ImportError:
-        pytest.skip("babyllama.tokenizer not available")
     meta = prepare(corpus_file(tmp_path), tmp_path / "tok", tmp_path / "ds", workers=1,
                    progress=False)
     assert meta["vocab_size"] == tok.vocab_size

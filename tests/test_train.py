@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from babyllama.config import TrainConfig, load_config
 from babyllama.train.schedule import lr_at
 
-from conftest import REPO, TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
+from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
 
 
 def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:

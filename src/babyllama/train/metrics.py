@@ -48,10 +48,12 @@ def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
     if train:
         x, y = zip(*train)
         ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
-        smooth, s = [], y[0]
-        for v in y:
-            s = 0.9 * s + 0.1 * v
-            smooth.append(s)
+        # Bias-corrected EMA (as Adam corrects its moments): without the correction the curve
+        # starts at the initial loss and lags far behind the raw points.
+        smooth, s, beta = [], 0.0, 0.8
+        for t, v in enumerate(y, start=1):
+            s = beta * s + (1 - beta) * v
+            smooth.append(s / (1 - beta ** t))
         ax.plot(x, smooth, color="tab:blue", label="train (smoothed)")
     if val:
         x, y = zip(*val)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,8 +158,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None) \
         if info.is_main else None
     tokens_per_step = train_data.tokens_per_step()
+    # Redraw often on a terminal; in a log file every redraw is a new line, so rarely.
     bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not info.is_main, desc="train")
+               disable=not info.is_main, desc="train", mininterval=0.2 if sys.stderr.isatty() else 15)
     last: dict = {}
     bad_in_a_row = 0
     window_t0, window_tokens = time.perf_counter(), 0

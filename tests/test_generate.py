@@ -112,3 +112,20 @@ def test_llm_api_generates_and_streams(tiny_data, tmp_path):
     assert "".join(pieces) == llm.generate("今天", max_new_tokens=30, temperature=1.0, seed=1)
     batch = llm.generate(["今天", "中国"], max_new_tokens=8, temperature=0)
     assert isinstance(batch, list) and len(batch) == 2
+
+
+def test_load_opens_a_transformers_llama_directory(tiny_tokenizer, tmp_path):
+    """`babyllama.load` accepts a directory saved by transformers' `save_pretrained`."""
+    import babyllama
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer.save(tmp_path / "hf")
+    llm = babyllama.load(tmp_path / "hf", device="cpu")
+    x = torch.tensor([[tiny_tokenizer.bos_id] + tiny_tokenizer.encode("今天天气很好")])
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(x)[0], hf(x).logits, rtol=1e-5, atol=1e-5)

@@ -203,3 +203,26 @@ def test_adamw8bit_trains_and_resumes(tiny_data, tmp_path):
     run_pretrain(cfg, resume=True)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+CHATGLM2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "chatglm2" / "tokenizer.model"
+
+
+@pytest.mark.skipif(not CHATGLM2.exists(), reason="../shared/data is absent")
+def test_pretrain_with_a_reused_sentencepiece_tokenizer(corpus_file, tmp_path):
+    """Seeds 2 and 3 reuse ChatGLM's tokenizer: prepare + pretrain + generate with it."""
+    from babyllama.data.shards import TokenShards, prepare
+    from babyllama.llm import load
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.pretrain import run_pretrain
+
+    tok = Tokenizer.load(CHATGLM2)
+    assert tok.pad_id >= 64789  # ChatGLM2 has no pad piece: ours is appended after its last id
+    prepare([str(corpus_file)], tok, tmp_path / "data", val_fraction=0.1, workers=1, progress=False)
+    assert TokenShards(tmp_path / "data").vocab_size == tok.vocab_size
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=3"])
+    cfg.data, cfg.out_dir = str(tmp_path / "data"), str(tmp_path / "run")
+    run_pretrain(cfg)
+    llm = load(tmp_path / "run", device="cpu")
+    assert llm.model.config.vocab_size == tok.vocab_size
+    assert isinstance(llm.generate("今天", max_new_tokens=5, temperature=0), str)

@@ -61,7 +61,7 @@ def print_prepare_summary(meta: dict, out) -> None:
 
 
 def build_config(args):
-    from babyllama.config import load_config, parse_overrides, read_run_config, _apply, check
+    from babyllama.config import apply_values, check, load_config, parse_overrides, read_run_config
 
     if args.resume:
         cfg = read_run_config(Path(args.out))
@@ -74,7 +74,7 @@ def build_config(args):
                 if bad:
                     raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
                                     "resuming (only train.max_steps and logging intervals can)")
-            _apply(cfg, values, "", "command line")
+            apply_values(cfg, values)
         check(cfg)
         return cfg
     cfg = load_config(args.preset or args.config, args.overrides)

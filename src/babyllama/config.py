@@ -148,7 +148,7 @@ def _coerce(value, hint, key: str, source: str):
     raise UserError(f"{source}: {key} must be {name}, got {value!r}")
 
 
-def _apply(obj, values: dict, prefix: str, source: str):
+def apply_values(obj, values: dict, prefix: str = "", source: str = "command line"):
     hints = _type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for k, v in values.items():
@@ -161,7 +161,7 @@ def _apply(obj, values: dict, prefix: str, source: str):
         if dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise UserError(f"{source}: {key} must be a mapping of settings, got {v!r}")
-            _apply(current, v, f"{key}.", source)
+            apply_values(current, v, f"{key}.", source)
         else:
             setattr(obj, k, _coerce(v, hints[k], key, source))
 
@@ -217,11 +217,11 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
     cfg = RunConfig()
     if preset:
         path = resolve_preset(preset)
-        _apply(cfg, _read_yaml(path), "", str(path))
+        apply_values(cfg, _read_yaml(path), "", str(path))
         cfg.preset = preset
     if overrides:
         values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        _apply(cfg, values, "", "command line")
+        apply_values(cfg, values, "", "command line")
     if validate:
         check(cfg)
     return cfg
@@ -235,7 +235,7 @@ def check(cfg: RunConfig, source: str = "config") -> None:
 
 def config_from_dict(d: dict, source: str) -> RunConfig:
     cfg = RunConfig()
-    _apply(cfg, d, "", source)
+    apply_values(cfg, d, "", source)
     return cfg
 
 

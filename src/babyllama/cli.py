@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="tokenizer -> prepare -> pretrain -> samples on the built-in corpora")
     de.add_argument("-o", "--out", default="runs/demo")
-    de.add_argument("--minutes", type=float, default=9.0, help="training time budget")
+    de.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     de.add_argument("--steps", type=int, default=0, help="exact number of training steps (overrides --minutes)")
     de.set_defaults(func=cmd_demo)
     return p

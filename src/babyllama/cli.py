@@ -75,6 +75,12 @@ def build_config(args):
                     raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
                                     "resuming (only train.max_steps and logging intervals can)")
             apply_values(cfg, values)
+        # The run may have moved, or be resumed from another directory: trust the paths given now.
+        cfg.out_dir = args.out
+        if args.data:
+            cfg.data = args.data
+        if args.tokenizer:
+            cfg.tokenizer = args.tokenizer
         check(cfg)
         return cfg
     cfg = load_config(args.preset or args.config, args.overrides)

@@ -103,6 +103,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
         from babyllama.config import read_run_config
 
         cfg = read_run_config(run_dir)
+        cfg.data, cfg.out_dir = str(data_dir), str(run_dir)
     elif steps:
         cfg.train.max_steps = steps
     else:

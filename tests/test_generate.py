@@ -97,6 +97,20 @@ def test_streamed_pieces_never_end_inside_a_character(tiny_tokenizer):
     assert all(p and "\ufffd" not in p for p in pieces)
 
 
+def test_streamed_sentencepiece_pieces_keep_their_spaces():
+    from pathlib import Path
+
+    from babyllama.infer.generate import stream_text
+    from babyllama.tokenizer import Tokenizer
+
+    model = Path(__file__).resolve().parents[2] / "shared/data/tokenizers/chinese-llama2/tokenizer.model"
+    if not model.exists():
+        pytest.skip("../shared/data is absent")
+    tok = Tokenizer.load(model)
+    ids = tok.encode("今天 天气 hello world 很好 ok")
+    assert "".join(stream_text(tok, iter(ids))) == tok.decode(ids)
+
+
 def test_llm_api_generates_and_streams(tiny_data, tmp_path):
     import babyllama
     from babyllama.config import load_config

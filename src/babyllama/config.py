@@ -105,10 +105,6 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _type_hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(value, hint, key: str, source: str):
     """Check/convert a YAML value against a dataclass field's type hint."""
     origin = typing.get_origin(hint)
@@ -149,7 +145,7 @@ def _coerce(value, hint, key: str, source: str):
 
 
 def apply_values(obj, values: dict, prefix: str = "", source: str = "command line"):
-    hints = _type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for k, v in values.items():
         key = f"{prefix}{k}"
@@ -212,8 +208,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,
-                validate: bool = True) -> RunConfig:
+def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     cfg = RunConfig()
     if preset:
         path = resolve_preset(preset)
@@ -222,8 +217,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
     if overrides:
         values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         apply_values(cfg, values, "", "command line")
-    if validate:
-        check(cfg)
+    check(cfg)
     return cfg
 
 

@@ -20,7 +20,7 @@ import torch
 
 from babyllama.config import read_run_config
 from babyllama.errors import UserError
-from babyllama.infer.generate import SamplingConfig, generate_ids, stream_text
+from babyllama.infer.generate import SamplingConfig, stream_completion
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
@@ -71,9 +71,6 @@ class LLM:
         dev = pick_device(device)
         return cls(model.to(dev), tokenizer, dev)
 
-    def _ids(self, prompt: str) -> list[int]:
-        return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-
     def generate(self, prompt: str | list[str], max_new_tokens: int = 64, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None) -> str | list[str]:
@@ -90,8 +87,7 @@ class LLM:
         """Yield the continuation piece by piece; a piece never ends inside a multi-byte
         character (byte-level tokens can split one across two tokens)."""
         cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        ids = generate_ids(self.model, self._ids(prompt), cfg, stop_ids=(self.tokenizer.eos_id,))
-        yield from stream_text(self.tokenizer, ids)
+        yield from stream_completion(self.model, self.tokenizer, prompt, cfg)
 
 
 def load(path: str | Path, device: str = "auto") -> LLM:

@@ -99,10 +99,13 @@ def generate_ids(model, prompt_ids: list[int], cfg: SamplingConfig,
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     budget = min(cfg.max_new_tokens, context - len(prompt_ids))
     cache = model.new_cache(1, len(prompt_ids) + budget)
-    seen = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    logits, _ = model(seen, cache=cache, last_only=True)
+    # Prompt and generated ids in one pre-allocated row (the repetition penalty reads them).
+    seen = torch.empty(1, len(prompt_ids) + budget, dtype=torch.long, device=device)
+    n = len(prompt_ids)
+    seen[0, :n] = torch.tensor(prompt_ids, dtype=torch.long)
+    logits, _ = model(seen[:, :n], cache=cache, last_only=True)
     for _ in range(budget):
-        scores = process_logits(logits[:, -1, :], seen, cfg)
+        scores = process_logits(logits[:, -1, :], seen[:, :n], cfg)
         if cfg.temperature == 0:
             next_id = scores.argmax(dim=-1, keepdim=True)
         else:
@@ -112,34 +115,47 @@ def generate_ids(model, prompt_ids: list[int], cfg: SamplingConfig,
         if token in stop_ids:
             return
         yield token
-        seen = torch.cat([seen, next_id], dim=1)
+        seen[:, n] = next_id[:, 0]
+        n += 1
         logits, _ = model(next_id, cache=cache)
 
 
 def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     """Turn a stream of token ids into text pieces. A byte-level token can hold part of a
-    multi-byte character; a piece is held back until its character is complete."""
+    multi-byte character; a piece is held back until its character is complete.
+
+    Each step decodes only the tokens since the previous piece, plus the piece before them
+    as context (vLLM's incremental detokenisation): SentencePiece drops a leading space when
+    decoding from a piece boundary, so the context token is decoded too and then cut off.
+    """
     seen: list[int] = []
-    emitted = ""
+    prefix = read = 0  # seen[prefix:read] is the last emitted piece, seen[read:] is pending
     for token in ids:
         seen.append(token)
-        text = tokenizer.decode(seen)
-        if text.endswith("\ufffd"):
+        before = tokenizer.decode(seen[prefix:read])
+        text = tokenizer.decode(seen[prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(before):
             continue
-        yield text[len(emitted):]
-        emitted = text
-    text = tokenizer.decode(seen)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+        yield text[len(before):]
+        prefix, read = read, len(seen)
+    if read < len(seen):
+        rest = tokenizer.decode(seen[prefix:])[len(tokenizer.decode(seen[prefix:read])):]
+        if rest:
+            yield rest
+
+
+def stream_completion(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
+    """The continuation of `prompt` (BOS + its tokens) as text pieces, up to EOS."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    yield from stream_text(tokenizer, generate_ids(model, ids, cfg, stop_ids=(tokenizer.eos_id,)))
 
 
 def generate_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
-    """The prompt's continuation as text (the prompt itself is not repeated)."""
+    """The prompt's continuation as text (the prompt itself is not repeated); the model is put
+    in eval mode for it and returned to the mode it was in (sampling during training)."""
     was_training = model.training
     model.eval()
     try:
-        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-        new = list(generate_ids(model, ids, cfg, stop_ids=(tokenizer.eos_id,)))
+        return "".join(stream_completion(model, tokenizer, prompt, cfg))
     finally:
         model.train(was_training)
-    return tokenizer.decode(new)

@@ -23,15 +23,18 @@ class PretrainBatches:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self._step_starts: tuple[int, np.ndarray] | None = None
 
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * self.world_size
 
     def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step])
-        n = self.grad_accum * self.world_size * self.batch_size
-        starts = self.shards.random_starts(rng, n, self.seq_len + 1)
-        starts = starts.reshape(self.grad_accum, self.world_size * self.batch_size)[micro]
+        if self._step_starts is None or self._step_starts[0] != step:
+            rng = np.random.default_rng([self.seed, step])
+            n = self.grad_accum * self.world_size * self.batch_size
+            starts = self.shards.random_starts(rng, n, self.seq_len + 1)
+            self._step_starts = (step, starts.reshape(self.grad_accum, self.world_size * self.batch_size))
+        starts = self._step_starts[1][micro]
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return windows_to_batch(self.shards.windows(starts, self.seq_len + 1), device)
 

@@ -14,6 +14,7 @@ the two renames).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = set(model.state_dict())
+    current = model.state_dict()
+    expected = set(current)
     if getattr(model.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)
@@ -54,7 +56,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: weights do not match the model config "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     for k, v in state.items():
-        want = model.state_dict()[k].shape
+        want = current[k].shape
         if v.shape != want:
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(want)}")
     model.load_state_dict(state, strict=False)
@@ -81,6 +83,20 @@ def save_resume(run_dir: Path, model, optimizer, scaler, trainer_state: dict) ->
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_weights(run_dir: Path) -> None:
+    """Make the latest resume weights the run's `model.safetensors` without serialising them a
+    second time: a hard link (safe because files here are only ever replaced, never modified
+    in place), or a copy where the file system has no hard links."""
+    run_dir = Path(run_dir)
+    source = run_dir / "resume" / "model.safetensors"
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def find_resume_dir(run_dir: Path) -> Path | None:

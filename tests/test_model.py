@@ -53,6 +53,25 @@ def test_logits_equal_transformers_llama_on_copied_weights(kw):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_position_ids_give_the_logits_of_transformers_llama_at_those_positions():
+    torch.manual_seed(2)
+    model = Llama(tiny_config()).eval()
+    hf = hf_twin(model)
+    x = torch.randint(0, 300, (2, 20))
+    # Uneven gaps, a different pattern per row: RoPE sees only position differences, so a
+    # constant offset would leave the logits unchanged and test nothing.
+    pos = torch.cumsum(torch.randint(1, 3, (2, 20)), dim=1)
+    with torch.no_grad():
+        ours, _ = model(x, position_ids=pos)
+        # An explicit all-ones mask keeps transformers from reading the gaps as packed sequences.
+        theirs = hf(x, position_ids=pos, attention_mask=torch.ones_like(x)).logits
+        default, _ = model(x)
+        explicit, _ = model(x, position_ids=torch.arange(20).expand(2, 20))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(explicit, default)
+    assert not torch.allclose(ours, default, atol=1e-3)
+
+
 def test_loss_equals_transformers_shifted_loss():
     torch.manual_seed(1)
     model = Llama(tiny_config()).eval()

@@ -240,20 +240,31 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-                last_only: bool = False):
+                last_only: bool = False, position_ids: torch.Tensor | None = None):
         """Logits for every position (or only the last), and the mean cross-entropy if `targets`.
 
         `cache`: decode incrementally; positions continue from `cache.pos`, which advances by T.
         `attn_mask`: boolean (B or 1, 1, T, cache.pos + T), True where attention is allowed; needed
         for padded batches. Targets equal to -100 are ignored in the loss.
+        `position_ids`: (B, T) rotary positions per token, for packed rows where each
+        conversation restarts at 0 (with a block-diagonal `attn_mask`); None means
+        start, start+1, ... for every row.
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context "
                              f"({self.config.max_position_embeddings})")
-        cos = self.rope_cos[start:start + T]
-        sin = self.rope_sin[start:start + T]
+        if position_ids is None:
+            # (T, head_dim): broadcasts over batch and heads.
+            cos = self.rope_cos[start:start + T]
+            sin = self.rope_sin[start:start + T]
+        else:
+            # (B, 1, T, head_dim): one row of the table per token, broadcast over heads. Values
+            # are not range-checked here (that would sync with the GPU every step); packed
+            # positions are below T, which is checked above.
+            cos = self.rope_cos[position_ids].unsqueeze(1)
+            sin = self.rope_sin[position_ids].unsqueeze(1)
         if attn_mask is None and start > 0 and T > 1:
             # A block of new tokens after a cached prefix: causal, shifted by `start`.
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)

@@ -18,7 +18,7 @@ def test_demo_runs_every_stage_and_prints_samples(tmp_path):
     result = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "6"], env=cli_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("1/4 tokenizer", "2/4 prepare", "3/4 pretrain", "4/4 samples"):
+    for stage in ("1/5 tokenizer", "2/5 prepare", "3/5 pretrain", "4/5 sft", "5/5 chat"):
         assert stage in result.stdout
     samples = [l for l in result.stdout.splitlines() if l.startswith(("中国|", "今天|", "这个手机|"))]
     assert len(samples) >= 3

@@ -148,12 +148,12 @@ def test_non_finite_steps_are_skipped_and_logged(tiny_data, tmp_path):
 
     class PoisonedStep(PretrainBatches):
         def get(self, step, micro, device):
-            x, y = super().get(step, micro, device)
+            x, y, extra = super().get(step, micro, device)
             if step == 1:
                 model.model.norm.weight.data[0] = float("nan")
             elif step == 2:
                 model.model.norm.weight.data[0] = before_norm
-            return x, y
+            return x, y, extra
 
     data = PoisonedStep(TokenShards(tiny_data), 32, 4, 1, seed=0)
     snapshot = {}

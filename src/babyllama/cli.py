@@ -60,23 +60,31 @@ def print_prepare_summary(meta: dict, out) -> None:
         print(meta["bad_records"]["summary"])
 
 
+def resume_config(args):
+    """The saved config of the run in --out, with the few overrides that may change on resume."""
+    from babyllama.config import apply_values, parse_overrides, read_run_config
+
+    cfg = read_run_config(Path(args.out))
+    if args.overrides:
+        values = parse_overrides(args.overrides)
+        allowed = {"train": {"max_steps", "eval_every", "sample_every", "save_every", "log_every",
+                             "device"}}
+        for section, keys in values.items():
+            bad = set(keys) - allowed.get(section, set()) if isinstance(keys, dict) else {section}
+            if bad:
+                raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
+                                "resuming (only train.max_steps and logging intervals can)")
+        apply_values(cfg, values)
+    # The run may have moved, or be resumed from another directory: trust the paths given now.
+    cfg.out_dir = args.out
+    return cfg
+
+
 def build_config(args):
-    from babyllama.config import apply_values, check, load_config, parse_overrides, read_run_config
+    from babyllama.config import check, load_config
 
     if args.resume:
-        cfg = read_run_config(Path(args.out))
-        if args.overrides:
-            values = parse_overrides(args.overrides)
-            allowed = {"train": {"max_steps", "eval_every", "sample_every", "save_every", "log_every",
-                                 "device"}}
-            for section, keys in values.items():
-                bad = set(keys) - allowed.get(section, set()) if isinstance(keys, dict) else {section}
-                if bad:
-                    raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
-                                    "resuming (only train.max_steps and logging intervals can)")
-            apply_values(cfg, values)
-        # The run may have moved, or be resumed from another directory: trust the paths given now.
-        cfg.out_dir = args.out
+        cfg = resume_config(args)
         if args.data:
             cfg.data = args.data
         if args.tokenizer:
@@ -100,12 +108,128 @@ def cmd_pretrain(args) -> None:
     print(f"run directory: {run_dir}  (model.safetensors, metrics.jsonl, loss.png, samples.txt)")
 
 
+def cmd_sft(args) -> None:
+    from babyllama.config import parse_overrides
+    from babyllama.train.sft import run_sft, sft_config
+
+    if args.resume:
+        cfg = resume_config(args)
+        if cfg.stage != "sft":
+            raise UserError(f"{args.out}: is a {cfg.stage} run; resume it with `babyllama {cfg.stage}`")
+        given = set()
+    else:
+        if not args.base:
+            raise UserError("pass --base RUN (the pretrained run to fine-tune)")
+        values = parse_overrides(args.overrides)
+        sft = values.setdefault("sft", {})
+        if not isinstance(sft, dict):
+            raise UserError("command line: sft must be a mapping of settings")
+        if args.data:
+            sft["sources"] = args.data
+        for key in ("format", "template", "system_prompt", "loss_on", "mode"):
+            if getattr(args, key, None) is not None:
+                sft[key] = getattr(args, key)
+        if args.skip_bad_records:
+            sft["skip_bad_records"] = True
+        cfg = sft_config(args.base, values)
+        cfg.out_dir = args.out
+        given = set(values.get("train", {})) if isinstance(values.get("train"), dict) else set()
+    run_dir = run_sft(cfg, resume=args.resume, given=given)
+    print(f"run directory: {run_dir}  (model.safetensors, metrics.jsonl, loss.png, samples.txt)")
+    print(f"talk to it:    babyllama chat {run_dir}")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, temperature: float = 0.8,
+                      top_k: int = 0, repetition_penalty: float = 1.0) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=top_k)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt),
+/doc FILE (answer about a reference document; /doc alone clears it), /quit"""
+
+
+def cmd_chat(args) -> None:
+    from babyllama.llm import load
+
+    llm = load(args.run, device=args.device)
+    session = llm.chat_session(system=args.system)
+    if args.doc:
+        session.document = read_document(args.doc)
+    kwargs = sampling_kwargs(args)
+    if args.prompt is not None:
+        for piece in session.send(args.prompt, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    print(f"chatting with {args.run}. {CHAT_HELP}")
+    while True:
+        try:
+            line = input("\n你> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return
+            elif cmd == "/reset":
+                session.reset()
+                print("(conversation cleared)")
+            elif cmd == "/system":
+                session.system = rest.strip() or None
+                print(f"(system prompt {'set' if session.system else 'cleared'})")
+            elif cmd == "/doc":
+                try:
+                    session.document = read_document(rest.strip()) if rest.strip() else None
+                except UserError as e:
+                    print(f"error: {e}")
+                    continue
+                print(f"(document {'loaded: ' + str(len(session.document)) + ' characters' if session.document else 'cleared'})")
+            else:
+                print(CHAT_HELP)
+            continue
+        sys.stdout.write("助手> ")
+        try:
+            for piece in session.send(line, **kwargs):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except UserError as e:  # e.g. a message too long for the context: say so, keep chatting
+            sys.stdout.write(f"(error: {e})")
+        sys.stdout.write("\n")
+
+
+def read_document(path: str) -> str:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    if not text:
+        raise UserError(f"{p}: the document is empty")
+    return text
+
+
 def cmd_generate(args) -> None:
     from babyllama.llm import load
 
     llm = load(args.run, device=args.device)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    kwargs = sampling_kwargs(args)
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         for piece in llm.stream(prompt, **kwargs):
@@ -198,14 +322,39 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="continue a prompt with a trained model")
     ge.add_argument("run", help="a run directory (or a transformers Llama directory)")
     ge.add_argument("--prompt", action="append", required=True, help="may be repeated")
-    ge.add_argument("--max-new-tokens", type=int, default=100)
-    ge.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ge.add_argument("--top-k", type=int, default=0)
-    ge.add_argument("--top-p", type=float, default=1.0)
-    ge.add_argument("--repetition-penalty", type=float, default=1.0)
-    ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--device", default="auto")
+    add_sampling_args(ge)
     ge.set_defaults(func=cmd_generate)
+
+    sf = sub.add_parser("sft", help="fine-tune a pretrained run on conversations (chat model)",
+                        description="Supervised fine-tuning. Any config field can be overridden as "
+                                    "section.key=value, e.g. train.lr=1e-4 sft.epochs=2 "
+                                    "sft.mode=pad sft.replay_ratio=0.1.")
+    sf.add_argument("--base", help="the pretrained run directory to start from")
+    sf.add_argument("--data", nargs="+", metavar="FILE",
+                    help="conversation files (jsonl/json/csv/tsv/txt/yaml, or builtin:chatterbot-zh); "
+                         "FILE@WEIGHT repeats (2) or subsamples (0.5) a file when mixing")
+    sf.add_argument("--format", help="the schema of every file (default: detected per file)")
+    sf.add_argument("--template", help="chat template: chatml (default), babyllama, phi2, "
+                                       "llama2-chinese, or a .jinja file")
+    sf.add_argument("--system-prompt", dest="system_prompt", help="system prompt for conversations without one")
+    sf.add_argument("--loss-on", dest="loss_on", choices=["all", "last"],
+                    help="train on all assistant turns (default) or only the last")
+    sf.add_argument("--mode", choices=["pack", "pad"], help="pack conversations into full rows "
+                                                             "(default) or pad length-sorted batches")
+    sf.add_argument("--skip-bad-records", action="store_true",
+                    help="skip and count malformed conversations instead of stopping at the first")
+    sf.add_argument("-o", "--out", required=True, help="run directory")
+    sf.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    sf.set_defaults(func=cmd_sft)
+
+    ch = sub.add_parser("chat", help="talk with a fine-tuned model, turn by turn")
+    ch.add_argument("run", help="a run directory (or a transformers Llama directory)")
+    ch.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--doc", help="a reference document (text file) to answer about (seed 0's 资料)")
+    add_sampling_args(ch, max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
+    ch.set_defaults(func=cmd_chat)
 
     mo = sub.add_parser("model", help="inspect model presets").add_subparsers(dest="model_command",
                                                                               required=True, metavar="ACTION")

@@ -83,6 +83,50 @@ class TrainConfig:
         return out
 
 
+SFT_MODES = ("pack", "pad")
+SFT_LOSS_ON = ("all", "last")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: conversation data on top of a pretrained run (`stage: sft`)."""
+    base: str = ""                  # the run directory the weights start from
+    sources: list[str] = field(default_factory=list)  # conversation files, `PATH` or `PATH@WEIGHT`
+    format: str = ""                # "" detects the schema per file; else one name for all
+    template: str = "chatml"        # chatml | babyllama | phi2 | llama2-chinese | a .jinja file
+    system_prompt: str = ""         # default system prompt for conversations without one
+    loss_on: str = "all"            # all assistant turns, or only the last one
+    mode: str = "pack"              # pack several conversations per row, or pad length buckets
+    epochs: float = 3.0             # sets train.max_steps (unless max_tokens is set)
+    max_tokens: int = 0             # > 0: train on about this many tokens instead of epochs
+    val_fraction: float = 0.02      # held-out conversations for evaluation
+    replay_data: str = ""           # prepared pretraining shards to replay ("base": the base run's)
+    replay_ratio: float = 0.0       # extra pretraining rows per SFT row (seed 4)
+    shuffle_constraints: float = 0.0  # probability to shuffle `key：value` instruction lines (seed 4)
+    skip_bad_records: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss_on not in SFT_LOSS_ON:
+            out.append(f"sft.loss_on must be one of {', '.join(SFT_LOSS_ON)}; got {self.loss_on!r}")
+        if self.mode not in SFT_MODES:
+            out.append(f"sft.mode must be one of {', '.join(SFT_MODES)}; got {self.mode!r}")
+        if self.epochs <= 0 and self.max_tokens <= 0:
+            out.append("sft.epochs or sft.max_tokens must be positive")
+        if self.max_tokens < 0:
+            out.append(f"sft.max_tokens must not be negative, got {self.max_tokens}")
+        if not 0 <= self.val_fraction < 1:
+            out.append(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.replay_ratio < 0:
+            out.append(f"sft.replay_ratio must not be negative, got {self.replay_ratio}")
+        if not 0 <= self.shuffle_constraints <= 1:
+            out.append(f"sft.shuffle_constraints must be in [0, 1], got {self.shuffle_constraints}")
+        return out
+
+
+STAGES = ("pretrain", "sft")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -91,13 +135,22 @@ class RunConfig:
     tokenizer: str = ""   # defaults to <data>/tokenizer
     out_dir: str = "runs/pretrain"
     preset: str = ""      # the preset this config started from (informational)
+    stage: str = "pretrain"  # pretrain | sft
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def problems(self) -> list[str]:
-        return self.model.problems() + self.train.problems()
+        out = self.model.problems() + self.train.problems()
+        if self.stage not in STAGES:
+            out.append(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
+        if self.stage == "sft":
+            out += self.sft.problems()
+        return out
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["train"]["betas"] = list(self.train.betas)
+        if self.stage != "sft":
+            del d["sft"]  # a pretraining run's config stays free of settings it never reads
         return d
 
 

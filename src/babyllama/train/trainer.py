@@ -1,7 +1,8 @@
 """The one training loop, shared by pretraining, SFT and preference tuning.
 
 What differs between those stages is only the data (`train_data.get(step, micro, device)`
-returns inputs and targets, with -100 where a token must not count) and the evaluation set;
+returns inputs, targets with -100 where a token must not count, and extra model arguments such
+as a packed batch's attention mask), the evaluation set and how samples are prompted;
 precision, accumulation, clipping, schedules, the non-finite guard, evaluation, samples,
 logging, checkpoints and DDP all live here.
 """
@@ -30,9 +31,7 @@ from babyllama.train.schedule import lr_at
 
 
 class TrainData(Protocol):
-    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def tokens_per_step(self) -> int: ...
+    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]: ...
 
 
 @dataclass
@@ -126,8 +125,13 @@ def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -
 
 def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainData,
           eval_set: EvalSet | None, run_dir: Path, device: torch.device,
-          info: DistInfo = DistInfo(), resume: bool = False) -> dict:
-    """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics."""
+          info: DistInfo = DistInfo(), resume: bool = False, sample_fn=None) -> dict:
+    """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics.
+
+    `tokens` in the metrics counts trained targets (every position when pretraining, the
+    assistant tokens in SFT). `sample_fn(model, tokenizer, prompt, sampling) -> str` writes the
+    samples (default: plain continuation; SFT passes one that formats a chat turn).
+    """
     t = cfg.train
     run_dir = Path(run_dir)
     precision = resolve_precision(t.precision, device)
@@ -156,7 +160,6 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None) \
         if info.is_main else None
-    tokens_per_step = train_data.tokens_per_step()
     # Redraw often on a terminal; in a log file every redraw is a new line, so rarely.
     bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not info.is_main, desc="train", mininterval=0.2 if sys.stderr.isatty() else 15)
@@ -170,21 +173,24 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        targets = torch.zeros((), dtype=torch.long, device=device)
         for micro in range(t.grad_accum):
-            x, y = train_data.get(step, micro, device)
+            x, y, extra = train_data.get(step, micro, device)
             # DDP all-reduces gradients on every backward; skip that on all but the last
             # micro-step of the accumulation.
             sync = micro == t.grad_accum - 1
             no_sync = ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
             with no_sync, autocast_context(precision, device):
-                _, loss = forward_model(x, y)
+                _, loss = forward_model(x, y, **extra)
             scaled = loss / t.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
+            targets += (y != -100).sum()
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         step_loss = all_reduce_sum(loss_sum / t.grad_accum, info) / info.world_size
+        step_tokens = int(all_reduce_sum(targets, info))
         loss_value, norm_value = float(step_loss), float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if scaler is not None:
@@ -193,8 +199,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         elif finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
         done = step + 1
 
         if not finite:
@@ -231,7 +237,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
                 plot_loss(metrics.read(), run_dir / "loss.png", title=run_dir.name)
             last.update(result)
         if info.is_main and t.sample_prompts and (final or (t.sample_every and done % t.sample_every == 0)):
-            write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar)
+            write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar, sample_fn)
         if final or (t.save_every and done % t.save_every == 0):
             if info.is_main:
                 save_resume(run_dir, model, optimizer, scaler,
@@ -245,12 +251,13 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     return last
 
 
-def write_samples(model, tokenizer, t, step: int, path: Path, bar) -> None:
+def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=None) -> None:
     lines = [f"## step {step}"]
+    sample_fn = sample_fn or generate_text
     for i, prompt in enumerate(t.sample_prompts):
         cfg = SamplingConfig(max_new_tokens=t.sample_max_new_tokens, temperature=0.8, top_k=50,
                              repetition_penalty=1.1, seed=t.seed + i)
-        text = generate_text(model, tokenizer, prompt, cfg)
+        text = sample_fn(model, tokenizer, prompt, cfg)
         lines.append(f"{prompt}|{text}")
     block = "\n".join(lines)
     bar.write(block.replace("\n", "\n  "))

@@ -1,0 +1,113 @@
+"""Chat on top of the generation engine: render the history with the model's chat template,
+fit it into the context (oldest turns dropped first), stream the answer.
+
+The prompt is encoded by the same `encode_chat` that built the SFT examples, so the model sees
+at inference exactly the token prefix it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from babyllama.errors import UserError
+from babyllama.infer.generate import SamplingConfig, eval_mode, generate_ids, stream_text
+from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
+
+
+def split_system(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(leading system messages, the rest)."""
+    k = 0
+    while k < len(messages) and messages[k].get("role") == "system":
+        k += 1
+    return list(messages[:k]), list(messages[k:])
+
+
+def check_messages(messages: list[dict]) -> None:
+    if not messages:
+        raise UserError("chat: no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
+                or m.get("role") not in ("system", "user", "assistant"):
+            raise UserError(f"chat: message {i} must be {{'role': system|user|assistant, "
+                            f"'content': str}}, got {m!r}")
+    if messages[-1]["role"] != "user":
+        raise UserError("chat: the last message must be the user's")
+
+
+def prompt_ids(tokenizer, messages: list[dict], *, budget: int, document: str | None = None,
+               template: str | None = None) -> tuple[list[int], int]:
+    """The generation prompt for `messages` in at most `budget` tokens, and how many earlier
+    messages were dropped to fit. The system prompt and the last user turn are always kept."""
+    system, turns = split_system(messages)
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, system + turns, document=document, add_generation_prompt=True,
+                          template=template).ids
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(turns) > 1:
+            # Drop whole exchanges from the front so the history still starts with a user turn.
+            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+            turns, dropped = turns[cut:], dropped + cut
+            continue
+        if document:
+            # Keep as much of the reference document as fits (it is read, not answered).
+            document = document[: len(document) * 3 // 4] if len(document) > 16 else None
+            continue
+        raise UserError(f"chat: the message alone is {len(ids)} tokens; the context leaves room "
+                        f"for {budget} (shorten it or lower max_new_tokens)")
+
+
+def stream_chat(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
+                document: str | None = None, template: str | None = None) -> Iterator[str]:
+    """The assistant's answer to `messages` as text pieces."""
+    check_messages(messages)
+    context = model.config.max_position_embeddings
+    # Leave room for the answer, but never less than half the context for the prompt.
+    budget = max(context // 2, context - cfg.max_new_tokens)
+    ids, _ = prompt_ids(tokenizer, messages, budget=budget, document=document, template=template)
+    yield from stream_text(tokenizer, generate_ids(model, ids, cfg, stop_ids=stop_token_ids(tokenizer)))
+
+
+def chat_text(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
+              document: str | None = None, template: str | None = None) -> str:
+    with eval_mode(model):
+        return "".join(stream_chat(model, tokenizer, messages, cfg, document=document,
+                                   template=template)).strip()
+
+
+def chat_sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
+    """One-turn answer to `prompt`: the trainer's sample function for SFT runs."""
+    return chat_text(model, tokenizer, [{"role": "user", "content": prompt}], cfg)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation: the history grows with each exchange; the oldest turns fall
+    out of the prompt when the context is full (they stay in `history`)."""
+    model: object
+    tokenizer: object
+    system: str | None = None
+    document: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def send(self, text: str, **sampling) -> Iterator[str]:
+        """Stream the answer to `text` (`sampling`: SamplingConfig fields); the exchange joins
+        the history once it is complete."""
+        cfg = SamplingConfig(**sampling)
+        pending = self.messages() + [{"role": "user", "content": text}]
+        pieces = []
+        with eval_mode(self.model):
+            for piece in stream_chat(self.model, self.tokenizer, pending, cfg, document=self.document):
+                pieces.append(piece)
+                yield piece
+        self.history += [{"role": "user", "content": text},
+                         {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def reset(self) -> None:
+        self.history = []

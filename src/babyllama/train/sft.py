@@ -1,0 +1,213 @@
+"""Supervised fine-tuning: a pretrained run + conversations in, a chat run directory out.
+
+The same trainer loop as pretraining (seed 4: "SFT is pretraining with the prompt masked out
+of the loss"); only the data differs: conversations rendered with a chat template, targets on
+the assistant tokens, packed or padded batches, and optional replay of pretraining text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from babyllama.config import RunConfig, TrainConfig, check, read_run_config, save_config
+from babyllama.data.readers import BadRecords
+from babyllama.errors import UserError
+from babyllama.model.llama import Llama
+from babyllama.tokenizer import Tokenizer
+from babyllama.train.checkpoint import load_weights
+from babyllama.train.distributed import cleanup, init_distributed
+from babyllama.train.trainer import EvalSet, train
+
+# Fixed chat prompts for the samples written during SFT (one per domain the demo data covers).
+SFT_SAMPLE_PROMPTS = ["你好，你是谁？", "你喜欢什么书？", "给我讲个笑话吧。"]
+
+
+def parse_source(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH@WEIGHT` -> (path, weight)."""
+    path, sep, weight = spec.rpartition("@")
+    if not sep:
+        return spec, 1.0
+    try:
+        w = float(weight)
+    except ValueError:
+        raise UserError(f"data source '{spec}': the weight after @ must be a number") from None
+    if w <= 0:
+        raise UserError(f"data source '{spec}': the weight must be positive")
+    return path, w
+
+
+def absolute_source(spec: str) -> str:
+    path, weight = parse_source(spec)
+    if path.startswith("builtin:"):
+        return spec
+    return str(Path(path).resolve()) + (f"@{weight:g}" if "@" in spec else "")
+
+
+def sft_config(base: str | Path, overrides: dict | None = None) -> RunConfig:
+    """The SFT run's config: the base run's model, its train settings with SFT defaults, then
+    the user's overrides. Values the user sets win over every default derived here."""
+    from babyllama.config import apply_values
+
+    base = Path(base)
+    base_cfg = read_run_config(base)
+    cfg = RunConfig(model=base_cfg.model, stage="sft", preset=base_cfg.preset)
+    b = base_cfg.train
+    # Keep what describes the hardware and the optimiser; fine-tuning gets its own length,
+    # learning rate and intervals.
+    cfg.train = TrainConfig(batch_size=b.batch_size, grad_accum=b.grad_accum, precision=b.precision,
+                            optimizer=b.optimizer, betas=b.betas, device=b.device, compile=b.compile,
+                            activation_checkpointing=b.activation_checkpointing, seed=b.seed,
+                            seq_len=base_cfg.model.max_position_embeddings,
+                            # Half the pretraining peak: enough to learn the chat format in a
+                            # few epochs on a small model without wrecking what it knows.
+                            lr=b.lr * 0.5, weight_decay=0.0, warmup_steps=0,
+                            sample_prompts=list(SFT_SAMPLE_PROMPTS))
+    cfg.sft.base = str(base.resolve())
+    if overrides:
+        apply_values(cfg, overrides)
+    cfg.sft.sources = [absolute_source(s) for s in cfg.sft.sources]
+    check(cfg)
+    return cfg
+
+
+def read_conversations(cfg: RunConfig, bad: BadRecords) -> tuple[list, list, list[str]]:
+    """(train conversations mixed by weight, validation conversations, one report line per source)."""
+    from babyllama.data.conversations import iter_conversations
+    from babyllama.data.sft import mix, split_validation
+    from babyllama.data.sft_augment import augment_constraints
+
+    s = cfg.sft
+    if not s.sources:
+        raise UserError("no SFT data: pass --data FILE (conversations; see `babyllama sft --help`)")
+    trains, weights, vals, lines = [], [], [], []
+    for k, spec in enumerate(s.sources):
+        path, weight = parse_source(spec)
+        convs = list(iter_conversations(path, s.format or None, skip_bad=s.skip_bad_records, bad=bad,
+                                        seed=cfg.train.seed + k, system=s.system_prompt or None))
+        if not convs:
+            raise UserError(f"{path}: no usable conversations")
+        train_part, val_part = split_validation(convs, s.val_fraction, cfg.train.seed + k)
+        trains.append(train_part)
+        weights.append(weight)
+        vals += val_part
+        lines.append(f"{path}: {len(convs):,} conversations ({len(train_part):,} train, "
+                     f"{len(val_part):,} val), weight {weight:g}")
+    train_convs = mix(trains, weights, cfg.train.seed)
+    if s.shuffle_constraints > 0:
+        train_convs = augment_constraints(train_convs, s.shuffle_constraints, cfg.train.seed)
+    return train_convs, vals, lines
+
+
+def steps_for(cfg: RunConfig, batches, n_tokens: int) -> int:
+    """Optimizer steps for `sft.epochs` (or `sft.max_tokens` tokens) over the packed/padded data."""
+    epochs = cfg.sft.epochs
+    if cfg.sft.max_tokens > 0:
+        epochs = cfg.sft.max_tokens / max(1, n_tokens)
+    return batches.steps_for_epochs(epochs)
+
+
+def replay_source(cfg: RunConfig, tokenizer: Tokenizer):
+    from babyllama.data.shards import TokenShards
+
+    s = cfg.sft
+    if s.replay_ratio <= 0:
+        return None
+    data = s.replay_data
+    if data in ("", "base"):
+        data = read_run_config(Path(s.base)).data
+        if not data:
+            raise UserError(f"{s.base}: the base run names no data to replay; set sft.replay_data=DIR")
+    shards = TokenShards(data, "train")
+    if shards.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"{data}: prepared with a tokenizer of {shards.vocab_size} tokens, the model "
+                        f"has {tokenizer.vocab_size}: replay data must use the base run's tokenizer")
+    return shards
+
+
+def eval_set_for(examples, batch_size: int, tokenizer) -> EvalSet | None:
+    from babyllama.data.sft import eval_batches
+
+    if not examples:
+        return None
+    batches = eval_batches(examples, batch_size, tokenizer.pad_id)
+    # Characters/bytes of the scored text (the assistant tokens) for bits per character.
+    texts = [tokenizer.decode([int(t) for t in y[y != -100]]) for _, yb in batches for y in yb]
+    return EvalSet(batches, sum(map(len, texts)), sum(len(t.encode("utf-8")) for t in texts))
+
+
+def run_sft(cfg: RunConfig, resume: bool = False, given: set[str] = frozenset()) -> Path:
+    """Fine-tune `cfg.sft.base` on `cfg.sft.sources`. `given`: train.* keys the user set, which
+    the data-derived defaults (steps, intervals) must not replace."""
+    from babyllama.data.sft import SFTBatches, build_examples
+    from babyllama.infer.chat import chat_sample
+    from babyllama.tokenizer.chat_template import resolve_template
+
+    run_dir = Path(cfg.out_dir)
+    if not resume and (run_dir / "resume").exists():
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    check(cfg)
+    base = Path(cfg.sft.base)
+    for need in ("config.yaml", "model.safetensors", "tokenizer"):
+        if not (base / need).exists():
+            raise UserError(f"{base}: not a trained run directory (no {need})")
+    t = cfg.train
+    if t.seq_len > cfg.model.max_position_embeddings:
+        raise UserError(f"config: train.seq_len ({t.seq_len}) is longer than "
+                        f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
+    info, device = init_distributed(t.device)
+    try:
+        tokenizer = Tokenizer.load(base / "tokenizer")
+        tokenizer.chat_template = resolve_template(cfg.sft.template)
+
+        bad = BadRecords()
+        train_convs, val_convs, lines = read_conversations(cfg, bad)
+        train_ex, stats = build_examples(train_convs, tokenizer, t.seq_len + 1, loss_on=cfg.sft.loss_on)
+        val_ex, _ = build_examples(val_convs, tokenizer, t.seq_len + 1, loss_on=cfg.sft.loss_on)
+        if not train_ex:
+            raise UserError(f"no training examples left: {stats.summary()}")
+        replay = replay_source(cfg, tokenizer)
+        batches = SFTBatches(train_ex, seq_len=t.seq_len, batch_size=t.batch_size,
+                             grad_accum=t.grad_accum, seed=t.seed, pad_id=tokenizer.pad_id,
+                             mode=cfg.sft.mode, rank=info.rank, world_size=info.world_size,
+                             replay=replay, replay_ratio=cfg.sft.replay_ratio)
+        n_tokens = sum(len(e.ids) for e in train_ex)
+        if not resume:
+            if "max_steps" not in given:
+                t.max_steps = steps_for(cfg, batches, n_tokens)
+            for key, parts in (("eval_every", 5), ("save_every", 5), ("sample_every", 2)):
+                if key not in given:
+                    setattr(t, key, max(1, t.max_steps // parts))
+            if "warmup_steps" not in given:
+                t.warmup_steps = min(100, t.max_steps // 20)
+            if "log_every" not in given:
+                t.log_every = max(1, min(10, t.max_steps // 50))
+        if info.is_main:
+            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+            for line in lines:
+                print(line)
+            if bad.count:
+                print(bad.summary())
+            targets = sum(int(e.mask.sum()) for e in train_ex)
+            print(f"examples: {stats.summary()}")
+            print(f"train: {len(train_ex):,} examples, {n_tokens:,} tokens ({targets:,} trained), "
+                  f"{batches.batches_per_epoch:,} {'packed' if cfg.sft.mode == 'pack' else 'padded'} batches per epoch; "
+                  f"val: {len(val_ex):,} examples -> {t.max_steps} steps")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            tokenizer.save(run_dir / "tokenizer")
+
+        model = Llama(cfg.model)
+        load_weights(model, base / "model.safetensors")
+        if info.is_main:
+            print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {base} "
+                  f"on {device}, {info.world_size} process(es)")
+        eval_set = eval_set_for(val_ex, t.batch_size, tokenizer)
+        train(cfg, model, tokenizer, batches, eval_set, run_dir, device, info, resume=resume,
+              sample_fn=chat_sample)
+    finally:
+        cleanup(info)
+    return run_dir

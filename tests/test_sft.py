@@ -1,0 +1,201 @@
+"""SFT end to end: `babyllama sft` on a pretrained run, exact resume, chat (CLI, REPL, API)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
+
+ANSWER = "你好，我是小助手。"
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def greeting_conversations(n: int = 40) -> list[dict]:
+    """Every conversation greets the same way; the questions vary, the answer is fixed."""
+    questions = ["你好", "你好啊", "您好", "嗨，你好", "你是谁", "请介绍一下你自己"]
+    return [{"messages": [{"role": "user", "content": questions[i % len(questions)]},
+                          {"role": "assistant", "content": ANSWER}]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_data, tmp_path_factory):
+    """A tiny pretrained run (a few steps: SFT only needs weights and a tokenizer)."""
+    from babyllama.config import load_config
+    from babyllama.train.pretrain import run_pretrain
+
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=3", "train.save_every=0"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(out)
+    run_pretrain(cfg)
+    return out
+
+
+def sft_cfg(base_run, data, out, extra=()):
+    from babyllama.config import parse_overrides
+    from babyllama.train.sft import sft_config
+
+    values = parse_overrides(["train.lr=1e-2", "train.batch_size=8", "train.log_every=1",
+                              "train.sample_prompts=[]", "sft.val_fraction=0.1", *extra])
+    values["sft"]["sources"] = [data]
+    cfg = sft_config(base_run, values)
+    cfg.out_dir = str(out)
+    return cfg, set(values.get("train", {}))
+
+
+def test_sft_learns_the_answer_and_chat_gives_it(base_run, tmp_path):
+    """The whole path (template, assistant-only targets, packing, stop token, chat prompt) must
+    line up for a fine-tuned model to reproduce the trained answer greedily."""
+    from babyllama.llm import load
+    from babyllama.train.sft import run_sft
+
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations())
+    cfg, given = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=100"])
+    run = run_sft(cfg, given=given)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_acc"] > 0.9
+    llm = load(run, device="cpu")
+    assert llm.tokenizer.chat_template and "im_start" in llm.tokenizer.chat_template
+    answer = llm.chat([{"role": "user", "content": "你好"}], temperature=0, max_new_tokens=40)
+    assert answer == ANSWER
+
+
+def test_sft_trains_only_on_assistant_tokens(base_run, tmp_path):
+    """`tokens` in the metrics counts trained targets: the answers plus each turn's end token."""
+    from babyllama.train.sft import run_sft
+
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(20))
+    cfg, given = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=1", "sft.val_fraction=0",
+                                                            "train.batch_size=64"])
+    run = run_sft(cfg, given=given)
+    from babyllama.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run / "tokenizer")
+    per_answer = len(tok.encode(ANSWER)) + 1  # + <|im_end|>
+    tokens = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-1]["tokens"]
+    assert tokens == 20 * per_answer
+
+
+def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch):
+    from babyllama.config import read_run_config
+    from babyllama.train import checkpoint, trainer
+    from babyllama.train.sft import run_sft
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(24))
+    extra = ["train.max_steps=6", "train.save_every=3", "train.batch_size=4"]
+    straight, given = sft_cfg(base_run, data, tmp_path / "straight", extra)
+    run_sft(straight, given=given)
+
+    real_save = checkpoint.save_resume
+
+    def save_then_die(run_dir, model, optimizer, scaler, state):
+        real_save(run_dir, model, optimizer, scaler, state)
+        if state["step"] == 3:
+            raise KeyboardInterrupt  # killed right after the step-3 checkpoint
+
+    monkeypatch.setattr(trainer, "save_resume", save_then_die)
+    cut, given = sft_cfg(base_run, data, tmp_path / "cut", extra)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cut, given=given)
+    monkeypatch.setattr(trainer, "save_resume", real_save)
+    cfg = read_run_config(tmp_path / "cut")
+    cfg.out_dir = str(tmp_path / "cut")
+    run_sft(cfg, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_sft_with_replay_and_padding_runs(base_run, tiny_data, tmp_path):
+    from babyllama.train.sft import run_sft
+
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(16))
+    cfg, given = sft_cfg(base_run, data, tmp_path / "sft",
+                         ["train.max_steps=2", "sft.mode=pad", "sft.replay_ratio=0.5", "train.seq_len=60"])
+    run = run_sft(cfg, given=given)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+
+
+def run_cli(*args, input=None):
+    return subprocess.run(babyllama_cmd() + list(args), env=cli_env(), capture_output=True, text=True,
+                          input=input, timeout=300)
+
+
+def test_sft_and_chat_cli(base_run, tmp_path):
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(12))
+    out = tmp_path / "sft"
+    r = run_cli("sft", "--base", str(base_run), "--data", data, "-o", str(out), "--template", "babyllama",
+                "train.max_steps=2", "train.sample_prompts=[你好]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "examples:" in r.stdout and "val:" in r.stdout
+    assert "资料" in (out / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8") or \
+        "人类" in (out / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8")
+    assert (out / "samples.txt").read_text(encoding="utf-8").count("你好|") >= 1
+
+    once = run_cli("chat", str(out), "--prompt", "你好", "--max-new-tokens", "8", "--seed", "0")
+    assert once.returncode == 0, once.stderr[-2000:]
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("《恋恋笔记本》是2004年的一部爱情片。", encoding="utf-8")
+    long = "很长的问题" * 40
+    script = (f"/system 助手\n你好\n/doc {doc}\n哪年？\n/doc /no/such/file\n/reset\n{long}\n你好\n/quit\n")
+    repl = run_cli("chat", str(out), "--max-new-tokens", "6", input=script)
+    assert repl.returncode == 0, repl.stderr[-2000:]
+    assert "system prompt set" in repl.stdout and "document loaded" in repl.stdout
+    assert "conversation cleared" in repl.stdout and "no such file" in repl.stdout
+    assert "(error: chat: the message alone is" in repl.stdout  # reported, and the REPL goes on
+    assert repl.stdout.count("助手> ") == 4
+    assert "Traceback" not in repl.stderr
+
+    again = run_cli("sft", "-o", str(out), "--resume", "train.max_steps=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sft", "-o", "X", "--data", "a.jsonl"], "pass --base"),
+    (["sft", "--base", "/no/such/run", "--data", "a.jsonl", "-o", "X"], "not a run directory"),
+    (["sft", "--base", "BASE", "--data", "DATA@x", "-o", "X"], "weight after @"),
+    (["sft", "--base", "BASE", "--data", "BAD", "-o", "X"], "BAD:2:"),
+    (["sft", "--base", "BASE", "--data", "DATA", "-o", "X", "--template", "nope"], "nope"),
+    (["sft", "--base", "BASE", "--data", "DATA", "-o", "X", "sft.loss_on=first"], "sft.loss_on"),
+])
+def test_sft_bad_input_is_one_line(base_run, tmp_path, args, message):
+    data = write_jsonl(tmp_path / "ok.jsonl", greeting_conversations(4))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(greeting_conversations(1)[0], ensure_ascii=False) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "只有问题"}]}, ensure_ascii=False)
+                   + "\n", encoding="utf-8")
+    subst = {"BASE": str(base_run), "DATA": data, "DATA@x": data + "@x", "BAD": str(bad),
+             "X": str(tmp_path / "out")}
+    r = run_cli(*[subst.get(a, a) for a in args])
+    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+    assert message.replace("BAD", str(bad)) in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_chat_prompt_drops_oldest_turns_first(tiny_tokenizer):
+    from babyllama.infer.chat import prompt_ids
+
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"第{i}个问题：今天天气很好吗？"},
+                    {"role": "assistant", "content": f"第{i}个回答：今天天气很好。"}]
+    messages = [{"role": "system", "content": "你是助手。"}] + history + [{"role": "user", "content": "最后的问题"}]
+    ids, dropped = prompt_ids(tiny_tokenizer, messages, budget=120)
+    text = tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert len(ids) <= 120 and dropped > 0 and dropped % 2 == 0
+    assert text.startswith("<|im_start|>system\n你是助手。") and "最后的问题" in text
+    assert "第0个问题" not in text and "第11个回答" in text
+    assert text.endswith("<|im_start|>assistant\n")

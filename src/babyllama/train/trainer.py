@@ -223,7 +223,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
                     "grad_norm": norm_value, "tok_per_s": rate}
             if metrics:
                 metrics.write(last)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
             window_t0, window_tokens = time.perf_counter(), 0
         bar.update(1)
 

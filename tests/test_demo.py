@@ -22,6 +22,8 @@ def test_demo_runs_every_stage_and_prints_samples(tmp_path):
         assert stage in result.stdout
     samples = [l for l in result.stdout.splitlines() if l.startswith(("中国|", "今天|", "这个手机|"))]
     assert len(samples) >= 3
+    assert result.stdout.count("你> ") == 3 and result.stdout.count("助手> ") == 3
+    assert (out / "sft" / "model.safetensors").exists()
     run = out / "pretrain"
     for name in ("model.safetensors", "loss.png", "metrics.jsonl", "samples.txt", "config.yaml"):
         assert (run / name).exists(), name

@@ -1,0 +1,295 @@
+"""LoRA adapters on our Llama, through peft, in peft's own file layout.
+
+Our module names equal transformers' `LlamaForCausalLM` ones, so peft wraps the same layers it
+would wrap on a transformers Llama and the adapter's keys are exactly those `save_pretrained`
+writes (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...). An adapter saved
+here therefore opens with `peft.PeftModel.from_pretrained` on the transformers form of the base,
+and one trained with transformers + peft opens here.
+
+We wrap with task_type=None (a plain `PeftModel`), whose forward passes arguments straight to
+our `Llama.forward`; `PeftModelForCausalLM` would rename them to transformers' keywords
+(`input_ids`, `attention_mask`, ...). The task type written to `adapter_config.json` is still
+CAUSAL_LM, which is what transformers users load it as.
+
+QLoRA (`quantize_base`) swaps the base's linear layers for bitsandbytes 4-bit NF4 ones before
+LoRA is applied; peft then puts full-precision adapters on top of the quantized layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from babyllama.atomic import atomic_path, atomic_write_text
+from babyllama.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Every linear layer of attention and MLP: the QLoRA paper found adapting all of them needed to
+# match full fine-tuning; adapting only q/v (the original LoRA paper) learns much less.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    include_embeddings: bool = False   # adds "embed_tokens" (a LoRA on the embedding table)
+    include_lm_head: bool = False      # adds "lm_head"
+    use_rslora: bool = False           # scale by alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
+    use_dora: bool = False             # weight-decomposed LoRA (Liu et al. 2024)
+
+    def targets(self) -> list[str]:
+        out = list(self.target_modules)
+        if self.include_embeddings and "embed_tokens" not in out:
+            out.append("embed_tokens")
+        if self.include_lm_head and "lm_head" not in out:
+            out.append("lm_head")
+        return out
+
+    def problems(self) -> list[str]:
+        """Every impossible value, as readable sentences (empty when the config is valid)."""
+        out = []
+        if not isinstance(self.r, int) or self.r <= 0:
+            out.append(f"lora.r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            out.append(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets():
+            out.append("lora.target_modules is empty")
+        return out
+
+    def to_peft(self):
+        import peft
+
+        return peft.LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self.targets(), use_rslora=self.use_rslora, use_dora=self.use_dora,
+            bias="none")
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install 'babyllama[lora]'") from None
+    return peft
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Short names of the layers LoRA can adapt (Linear and Embedding), in model order."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) or _is_4bit(module):
+            short = name.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    # peft only fails when *no* target matches; a typo next to valid names would silently adapt
+    # fewer layers than asked, so each name must match something. peft's rule for a name in a
+    # list: the module's full name equals it or ends with "." + it.
+    full = [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) or _is_4bit(m)]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in full):
+            raise UserError(f"lora target module {t!r} matches no layer of the model; "
+                            f"its layers are {', '.join(adaptable_names(model))}")
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig):
+    """Wrap `model` (our Llama, possibly quantized by `quantize_base`) with fresh LoRA adapters.
+
+    Base weights are frozen; the adapters (and DoRA magnitudes) are the only trainable
+    parameters. B starts at zero, so the wrapped model first computes exactly the base's logits.
+    """
+    peft = _require_peft()
+    problems = cfg.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    _check_targets(model, cfg.targets())
+    # A tied head shares its tensor with the embedding, so merging a LoRA on either would change
+    # both: such an adapter could be trained but never folded into a plain run.
+    if getattr(model.config, "tie_word_embeddings", False) and (cfg.include_embeddings or cfg.include_lm_head):
+        raise UserError("lora on embed_tokens or lm_head needs untied embeddings "
+                        "(model.tie_word_embeddings is true)")
+    training = model.training
+    # New dropout layers start in training mode; keep the mode the caller had set.
+    return peft.get_peft_model(model, cfg.to_peft()).train(training)
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; shared (tied) tensors count once, 4-bit weights as their
+    number of original elements."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() already yields a shared tensor once
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = p.quant_state.shape.numel()  # packed NF4 stores two weights per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's saved names (no adapter name, no base weights)."""
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: peft would otherwise store the whole embedding table next to
+    # an embedding LoRA (for resized vocabularies); ours never resizes, so the base has it.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model, directory: str | Path, base_dir: str | Path | None = None) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` as peft's `save_pretrained`
+    would, each atomically. `base_dir` (the base run) goes into base_model_name_or_path."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(adapter_state(model), str(tmp), metadata={"format": "pt"})
+    config = model.peft_config["default"]
+    d = config.to_dict()
+    d["base_model_name_or_path"] = str(base_dir) if base_dir is not None else None
+    d["task_type"] = "CAUSAL_LM"
+    d["inference_mode"] = True  # what save_pretrained writes; loaders flip it for training
+    # As PeftConfig.save_pretrained: sets become lists, keys sorted, indent 2.
+    d = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(d, indent=2, sort_keys=True))
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (not a LoRA adapter directory)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if d.get("peft_type") != "LORA":
+        raise UserError(f"{path}: peft_type is {d.get('peft_type')!r}, only LORA adapters are supported")
+    return d
+
+
+def load_adapter(model: nn.Module, directory: str | Path):
+    """Our base Llama + a saved adapter directory -> the wrapped model with the adapter's weights.
+
+    Every tensor is checked against the base first: a missing key, a key naming no layer of the
+    base, or a wrong shape is a one-line UserError naming the first bad key.
+    """
+    peft = _require_peft()
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    d = read_adapter_config(directory)
+    cfg_path = directory / ADAPTER_CONFIG
+    try:
+        peft_cfg = peft.LoraConfig.from_pretrained(str(directory))
+    except Exception as e:  # peft raises TypeError/ValueError for fields it does not know
+        raise UserError(f"{cfg_path}: not a usable LoRA config ({e})") from None
+    peft_cfg.task_type = None  # see the module docstring: our forward, not transformers'
+    peft_cfg.inference_mode = False
+    targets = d.get("target_modules")
+    if isinstance(targets, list):
+        _check_targets(model, targets)
+    weights = directory / ADAPTER_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise UserError(f"{weights}: no such file") from None
+    except Exception as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    training = model.training
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        wrapped = peft.get_peft_model(model, peft_cfg).train(training)
+    except ValueError as e:
+        raise UserError(f"{cfg_path}: {str(e).splitlines()[0]}") from None
+    try:
+        _check_state(wrapped, state, weights)
+    except UserError:
+        # peft injected its layers into `model` in place: take them out again so the caller's
+        # base is unchanged after a bad adapter.
+        wrapped.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(frozen[n])
+        raise
+    result = peft.set_peft_model_state_dict(wrapped, state)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return wrapped
+
+
+def _check_state(wrapped, state: dict, weights: Path) -> None:
+    expected = adapter_state(wrapped)
+    for k in sorted(state):
+        if k not in expected:
+            raise UserError(f"{weights}: {k} names no adapter layer of the base model")
+        if state[k].shape != expected[k].shape:
+            raise UserError(f"{weights}: {k} has shape {tuple(state[k].shape)}, the base model "
+                            f"needs {tuple(expected[k].shape)}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"{weights}: {missing[0]} is missing ({len(missing)} adapter tensors missing)")
+
+
+def merge_lora(model) -> nn.Module:
+    """Fold the adapter into the base weights and return the plain Llama (saveable with
+    save_weights as a normal run). The wrapped model is consumed."""
+    base = model.get_base_model()
+    if any(_is_4bit(m) for m in base.modules()):
+        # Merging into NF4 would requantize base + delta and lose the adapter's precision; the
+        # caller loads the unquantized base, loads the adapter onto it, then merges.
+        raise UserError("cannot merge into a 4-bit base: load the base in full precision, "
+                        "load the adapter onto it, then merge")
+    return model.merge_and_unload()
+
+
+# --- QLoRA -----------------------------------------------------------------------------------
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
+                  targets=DEFAULT_TARGETS) -> nn.Module:
+    """Replace the base's linear layers named in `targets` by bitsandbytes 4-bit NF4 layers
+    (with double quantization, as in the QLoRA paper), in place; returns the model.
+
+    Embeddings, norms and the LM head stay in full precision. `compute_dtype` is the dtype the
+    4-bit weights are dequantized to for each matmul.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("QLoRA needs bitsandbytes: pip install 'babyllama[bnb]'") from None
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not (isinstance(child, nn.Linear) and child_name in targets):
+                continue
+            device = child.weight.device
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4",
+                                  compress_statistics=True, device="meta")
+            # Params4bit quantizes when it is first moved to a device (CPU included).
+            q.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True,
+                                         module=q).to(device)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, child_name, q)
+    # The flag transformers sets on a 4-bit model: peft reads it to wrap these layers with its
+    # bitsandbytes-aware LoRA layer (dequantizing for DoRA and merging) instead of a plain one.
+    model.is_loaded_in_4bit = True
+    return model

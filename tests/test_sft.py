@@ -83,14 +83,20 @@ def test_sft_trains_only_on_assistant_tokens(base_run, tmp_path):
     assert tokens == 20 * per_answer
 
 
-def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch):
+LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8"]
+
+
+@pytest.mark.parametrize("variant", [[], LORA, LORA + ["lora.qlora=true"]], ids=["full", "lora", "qlora"])
+def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch, variant):
     from babyllama.config import read_run_config
     from babyllama.train import checkpoint, trainer
     from babyllama.train.sft import run_sft
     from safetensors.torch import load_file
 
     data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(24))
-    extra = ["train.max_steps=6", "train.save_every=3", "train.batch_size=4"]
+    if "lora.qlora=true" in variant:
+        pytest.importorskip("bitsandbytes")
+    extra = ["train.max_steps=6", "train.save_every=3", "train.batch_size=4", *variant]
     straight, given = sft_cfg(base_run, data, tmp_path / "straight", extra)
     run_sft(straight, given=given)
 
@@ -109,8 +115,9 @@ def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch):
     cfg = read_run_config(tmp_path / "cut")
     cfg.out_dir = str(tmp_path / "cut")
     run_sft(cfg, resume=True)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    weights = "adapter_model.safetensors" if variant else "model.safetensors"
+    a = load_file(str(tmp_path / "straight" / weights))
+    b = load_file(str(tmp_path / "cut" / weights))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -199,3 +206,57 @@ def test_chat_prompt_drops_oldest_turns_first(tiny_tokenizer):
     assert text.startswith("<|im_start|>system\n你是助手。") and "最后的问题" in text
     assert "第0个问题" not in text and "第11个回答" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_lora_run_keeps_only_the_adapter_and_loads_merged(base_run, tmp_path):
+    """A LoRA run stores the adapter (peft layout) and a pointer to its base; loading it, or
+    merging it with `babyllama merge-lora`, gives the logits of base + adapter."""
+    from babyllama.config import read_run_config
+    from babyllama.llm import load
+    from babyllama.lora import load_adapter
+    from babyllama.model.llama import Llama
+    from babyllama.train.checkpoint import load_weights
+    from babyllama.train.sft import run_sft
+
+    base_bytes = (base_run / "model.safetensors").read_bytes()
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(16))
+    cfg, given = sft_cfg(base_run, data, tmp_path / "lora", ["train.max_steps=4", *LORA])
+    run = run_sft(cfg, given=given)
+    assert (run / "adapter_config.json").exists() and (run / "adapter_model.safetensors").exists()
+    assert not (run / "model.safetensors").exists()
+    assert (base_run / "model.safetensors").read_bytes() == base_bytes
+    adapter_cfg = json.loads((run / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["base_model_name_or_path"] == str(base_run.resolve())
+
+    mcfg = read_run_config(run).model
+    x = torch.tensor([[4, 100, 98, 376, 214, 176, 137]])
+    base = Llama(mcfg)
+    load_weights(base, base_run / "model.safetensors")
+    with torch.no_grad():
+        base_logits = base(x)[0]
+        adapted = load_adapter(base, run).eval()
+        expected = adapted(x)[0]
+        assert not torch.allclose(expected, base_logits, atol=1e-4)  # the adapter learned something
+        torch.testing.assert_close(load(run, device="cpu").model(x)[0], expected, atol=1e-5, rtol=1e-5)
+
+    merged = tmp_path / "merged"
+    r = run_cli("merge-lora", str(run), "-o", str(merged))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (merged / "model.safetensors").exists() and not (merged / "adapter_model.safetensors").exists()
+    assert "\nlora:" not in (merged / "config.yaml").read_text()
+    with torch.no_grad():
+        torch.testing.assert_close(load(merged, device="cpu").model(x)[0], expected, atol=1e-5, rtol=1e-5)
+    assert run_cli("chat", str(run), "--prompt", "你好", "--max-new-tokens", "4").returncode == 0
+
+
+def test_lora_bad_input_is_one_line(base_run, tmp_path):
+    data = write_jsonl(tmp_path / "ok.jsonl", greeting_conversations(4))
+    for extra, message in ((["--lora", "lora.r=0"], "lora.r must be a positive integer"),
+                           (["--lora", "lora.target_modules=[qkv]"], "matches no layer"),
+                           (["lora.qlora=true"], "lora.qlora needs lora.enabled")):
+        r = run_cli("sft", "--base", str(base_run), "--data", data, "-o", str(tmp_path / "o"),
+                    "train.max_steps=1", *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr
+    r = run_cli("merge-lora", str(base_run), "-o", str(tmp_path / "m"))
+    assert r.returncode == 2 and "not a LoRA run" in r.stderr

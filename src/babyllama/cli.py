@@ -131,6 +131,13 @@ def cmd_sft(args) -> None:
                 sft[key] = getattr(args, key)
         if args.skip_bad_records:
             sft["skip_bad_records"] = True
+        if args.lora or args.qlora:
+            lora = values.setdefault("lora", {})
+            if not isinstance(lora, dict):
+                raise UserError("command line: lora must be a mapping of settings")
+            lora["enabled"] = True
+            if args.qlora:
+                lora["qlora"] = True
         cfg = sft_config(args.base, values)
         cfg.out_dir = args.out
         given = set(values.get("train", {})) if isinstance(values.get("train"), dict) else set()
@@ -238,6 +245,28 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
 
 
+def cmd_merge_lora(args) -> None:
+    from babyllama.config import read_run_config, save_config
+    from babyllama.llm import load_model
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.checkpoint import save_weights
+
+    run, out = Path(args.run), Path(args.out)
+    if not (run / "adapter_model.safetensors").exists():
+        raise UserError(f"{run}: no adapter_model.safetensors (not a LoRA run)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; choose another -o")
+    cfg = read_run_config(run)
+    model = load_model(run, cfg.model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors")
+    Tokenizer.load(run / "tokenizer").save(out / "tokenizer")
+    cfg.lora.enabled = cfg.lora.qlora = False  # a plain run now
+    cfg.out_dir = str(out)
+    save_config(cfg, out / "config.yaml")
+    print(f"merged {run} into its base {cfg.sft.base} -> {out} (model.safetensors, tokenizer/, config.yaml)")
+
+
 def cmd_model_info(args) -> None:
     from babyllama.config import load_config, read_run_config
     from babyllama.model.llama import Llama
@@ -343,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default) or pad length-sorted batches")
     sf.add_argument("--skip-bad-records", action="store_true",
                     help="skip and count malformed conversations instead of stopping at the first")
+    sf.add_argument("--lora", action="store_true",
+                    help="train low-rank adapters only (lora.r=8 lora.alpha=16 ... to shape them)")
+    sf.add_argument("--qlora", action="store_true",
+                    help="LoRA over a 4-bit NF4 base (bitsandbytes); lora.compute_dtype=fp32|bf16|fp16")
     sf.add_argument("-o", "--out", required=True, help="run directory")
     sf.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -355,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--doc", help="a reference document (text file) to answer about (seed 0's 资料)")
     add_sampling_args(ch, max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
     ch.set_defaults(func=cmd_chat)
+
+    ml = sub.add_parser("merge-lora", help="fold a LoRA run's adapter into its base: a plain run directory")
+    ml.add_argument("run", help="a run directory trained with --lora or --qlora")
+    ml.add_argument("-o", "--out", required=True, help="the merged run directory")
+    ml.set_defaults(func=cmd_merge_lora)
 
     mo = sub.add_parser("model", help="inspect model presets").add_subparsers(dest="model_command",
                                                                               required=True, metavar="ACTION")
@@ -376,7 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a `KEY=VALUE...` positional only one run of words; overrides that come
+    # after a later flag (`... train.lr=1e-3 --lora lora.r=16`) arrive here and are theirs.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except UserError as e:

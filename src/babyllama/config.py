@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from babyllama.errors import UserError
+from babyllama.lora import LoraConfig
 from babyllama.model.llama import ModelConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -124,6 +125,24 @@ class SFTConfig:
         return out
 
 
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class LoraSection(LoraConfig):
+    """`lora:` in a run config: the adapter's shape (LoraConfig) plus how the run uses it."""
+    enabled: bool = False
+    qlora: bool = False          # base weights in 4-bit NF4 (bitsandbytes), adapters in full precision
+    compute_dtype: str = "fp32"  # QLoRA: the dtype 4-bit weights are dequantized to per matmul
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            out.append(f"lora.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; "
+                       f"got {self.compute_dtype!r}")
+        return out
+
+
 STAGES = ("pretrain", "sft")
 
 
@@ -137,6 +156,7 @@ class RunConfig:
     preset: str = ""      # the preset this config started from (informational)
     stage: str = "pretrain"  # pretrain | sft
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def problems(self) -> list[str]:
         out = self.model.problems() + self.train.problems()
@@ -144,13 +164,22 @@ class RunConfig:
             out.append(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
         if self.stage == "sft":
             out += self.sft.problems()
+        if self.lora.qlora and not self.lora.enabled:
+            out.append("lora.qlora needs lora.enabled (or pass --qlora)")
+        if self.lora.enabled:
+            if self.stage != "sft":
+                out.append("lora.enabled is for fine-tuning (babyllama sft)")
+            out += self.lora.problems()
         return out
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["train"]["betas"] = list(self.train.betas)
+        # A run's config stays free of settings it never reads.
         if self.stage != "sft":
-            del d["sft"]  # a pretraining run's config stays free of settings it never reads
+            del d["sft"]
+        if not self.lora.enabled:
+            del d["lora"]
         return d
 
 

@@ -45,6 +45,27 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
 
 
+def load_model(path: Path, config: ModelConfig) -> Llama:
+    """The run's weights: `model.safetensors`, or a LoRA run's adapter folded into its base
+    (merged once here, so generation costs what a plain model costs)."""
+    weights = path / "model.safetensors"
+    if weights.exists():
+        model = Llama(config)
+        load_weights(model, weights)
+        return model
+    if (path / "adapter_model.safetensors").exists():
+        from babyllama.lora import load_adapter, merge_lora
+
+        base = Path(read_run_config(path).sft.base)
+        if not (base / "model.safetensors").exists():
+            raise UserError(f"{path}: a LoRA adapter for the base run {base}, which has no "
+                            "model.safetensors (moved? edit sft.base in config.yaml)")
+        model = Llama(config)
+        load_weights(model, base / "model.safetensors")
+        return merge_lora(load_adapter(model, path))
+    raise UserError(f"{path}: no model.safetensors (has the run saved a checkpoint yet?)")
+
+
 class LLM:
     def __init__(self, model: Llama, tokenizer: Tokenizer, device: torch.device):
         self.model = model.eval()
@@ -63,13 +84,9 @@ class LLM:
         else:
             raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
                             "directory (no config.json)")
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise UserError(f"{path}: no model.safetensors (has the run saved a checkpoint yet?)")
         tok_path = path / "tokenizer" if (path / "tokenizer").exists() else path
         tokenizer = Tokenizer.load(tok_path)
-        model = Llama(config)
-        load_weights(model, weights)
+        model = load_model(path, config)
         dev = pick_device(device)
         return cls(model.to(dev), tokenizer, dev)
 

@@ -78,8 +78,12 @@ def chat_text(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
 
 
 def chat_sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
-    """One-turn answer to `prompt`: the trainer's sample function for SFT runs."""
-    return chat_text(model, tokenizer, [{"role": "user", "content": prompt}], cfg)
+    """One-turn answer to `prompt`: the trainer's sample function for SFT runs. A prompt too
+    long for a small context is reported in the samples rather than ending the run."""
+    try:
+        return chat_text(model, tokenizer, [{"role": "user", "content": prompt}], cfg)
+    except UserError as e:
+        return f"(no sample: {e})"
 
 
 @dataclass

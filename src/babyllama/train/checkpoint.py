@@ -62,12 +62,22 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def is_adapter_model(model) -> bool:
+    """A peft-wrapped model: its checkpoints hold the adapter only (the base never changes)."""
+    return hasattr(model, "peft_config")
+
+
 def save_resume(run_dir: Path, model, optimizer, scaler, trainer_state: dict) -> None:
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / "resume.tmp", run_dir / "resume", run_dir / "resume.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
+    if is_adapter_model(model):
+        from babyllama.lora import save_adapter
+
+        save_adapter(model, tmp, trainer_state.get("base"))
+    else:
+        save_weights(model, tmp / "model.safetensors")
     extra = {
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -85,18 +95,24 @@ def save_resume(run_dir: Path, model, optimizer, scaler, trainer_state: dict) ->
     shutil.rmtree(old, ignore_errors=True)
 
 
+WEIGHT_FILES = ("model.safetensors", "adapter_config.json", "adapter_model.safetensors")
+
+
 def publish_weights(run_dir: Path) -> None:
-    """Make the latest resume weights the run's `model.safetensors` without serialising them a
-    second time: a hard link (safe because files here are only ever replaced, never modified
-    in place), or a copy where the file system has no hard links."""
+    """Make the latest resume weights (`model.safetensors`, or a LoRA run's adapter files) the
+    run's own without serialising them a second time: a hard link (safe because files here are
+    only ever replaced, never modified in place), or a copy where there are no hard links."""
     run_dir = Path(run_dir)
-    source = run_dir / "resume" / "model.safetensors"
-    with atomic_path(run_dir / "model.safetensors") as tmp:
-        tmp.unlink()
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+    for name in WEIGHT_FILES:
+        source = run_dir / "resume" / name
+        if not source.exists():
+            continue
+        with atomic_path(run_dir / name) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
 
 
 def find_resume_dir(run_dir: Path) -> Path | None:
@@ -108,7 +124,15 @@ def find_resume_dir(run_dir: Path) -> Path | None:
 
 
 def load_resume(resume_dir: Path, model, optimizer, scaler) -> dict:
-    load_weights(model, resume_dir / "model.safetensors")
+    if is_adapter_model(model):
+        from peft import set_peft_model_state_dict
+
+        weights = resume_dir / "adapter_model.safetensors"
+        if not weights.exists():
+            raise UserError(f"{resume_dir}: holds no adapter; this run was not started with LoRA")
+        set_peft_model_state_dict(model, load_file(str(weights)))
+    else:
+        load_weights(model, resume_dir / "model.safetensors")
     extra = torch.load(resume_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     if scaler is not None and extra["scaler"]:

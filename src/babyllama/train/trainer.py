@@ -138,7 +138,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     if precision == "bf16-true":
         model.to(torch.bfloat16)  # seed 4's "bf16-true": weights and optimizer state in bf16
     model.to(device)
-    model.gradient_checkpointing = t.activation_checkpointing
+    # Set on our Llama itself: on a LoRA (peft) wrapper the attribute would land on the wrapper.
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_model.gradient_checkpointing = t.activation_checkpointing
     model.train()
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
@@ -240,8 +242,10 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar, sample_fn)
         if final or (t.save_every and done % t.save_every == 0):
             if info.is_main:
-                save_resume(run_dir, model, optimizer, scaler,
-                            {"step": done, "tokens": tokens_seen, "max_steps": t.max_steps})
+                state = {"step": done, "tokens": tokens_seen, "max_steps": t.max_steps}
+                if cfg.stage == "sft":
+                    state["base"] = cfg.sft.base  # a LoRA adapter names the run it belongs on
+                save_resume(run_dir, model, optimizer, scaler, state)
                 publish_weights(run_dir)
             if info.enabled:
                 torch.distributed.barrier()

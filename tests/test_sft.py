@@ -260,3 +260,48 @@ def test_lora_bad_input_is_one_line(base_run, tmp_path):
         assert "Traceback" not in r.stderr
     r = run_cli("merge-lora", str(base_run), "-o", str(tmp_path / "m"))
     assert r.returncode == 2 and "not a LoRA run" in r.stderr
+
+
+def test_several_adapters_on_one_base_switch_by_name(base_run, tmp_path):
+    from babyllama.config import read_run_config
+    from babyllama.llm import load
+    from babyllama.lora import LoraConfig, apply_lora, save_adapter
+    from babyllama.model.llama import Llama
+    from babyllama.train.checkpoint import load_weights
+
+    mcfg = read_run_config(base_run).model
+    x = torch.tensor([[4, 100, 98, 376, 214]])
+    expected = {}
+    for k, name in enumerate(("greet", "math")):
+        torch.manual_seed(k)
+        model = Llama(mcfg)
+        load_weights(model, base_run / "model.safetensors")
+        wrapped = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.5)  # a nonzero adapter, so switching must show
+        with torch.no_grad():
+            expected[name] = wrapped(x)[0]
+        save_adapter(wrapped, tmp_path / name, base_run)
+
+    llm = load(base_run, device="cpu")
+    with torch.no_grad():
+        base_logits = llm.model(x)[0]
+        assert llm.add_adapter(tmp_path / "greet") == "greet"
+        llm.add_adapter(tmp_path / "math")
+        assert llm.adapters == ["greet", "math"] and llm.adapter == "math"
+        torch.testing.assert_close(llm.model(x)[0], expected["math"], atol=1e-5, rtol=1e-5)
+        llm.use_adapter("greet")
+        torch.testing.assert_close(llm.model(x)[0], expected["greet"], atol=1e-5, rtol=1e-5)
+        llm.use_adapter(None)
+        torch.testing.assert_close(llm.model(x)[0], base_logits, atol=1e-6, rtol=1e-6)
+    assert isinstance(llm.chat([{"role": "user", "content": "你好"}], max_new_tokens=3), str)
+    with pytest.raises(Exception, match="no adapter named 'nope'"):
+        llm.use_adapter("nope")
+
+    repl = run_cli("chat", str(base_run), "--adapter", f"g={tmp_path / 'greet'}", "--adapter",
+                   str(tmp_path / "math"), "--max-new-tokens", "3",
+                   input="/adapter g\n你好\n/adapter base\n/adapter nope\n/quit\n")
+    assert repl.returncode == 0, repl.stderr[-2000:]
+    assert "(now using g)" in repl.stdout and "(now using the base model)" in repl.stdout
+    assert "no adapter named 'nope'" in repl.stdout

@@ -163,13 +163,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, tem
 
 
 CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt),
-/doc FILE (answer about a reference document; /doc alone clears it), /quit"""
+/doc FILE (answer about a reference document; /doc alone clears it), /adapter NAME|base
+(switch LoRA adapter), /quit"""
 
 
 def cmd_chat(args) -> None:
     from babyllama.llm import load
 
     llm = load(args.run, device=args.device)
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        llm.add_adapter(path if sep else spec, name if sep else None)
     session = llm.chat_session(system=args.system)
     if args.doc:
         session.document = read_document(args.doc)
@@ -206,6 +210,13 @@ def cmd_chat(args) -> None:
                     print(f"error: {e}")
                     continue
                 print(f"(document {'loaded: ' + str(len(session.document)) + ' characters' if session.document else 'cleared'})")
+            elif cmd == "/adapter" and rest.strip():
+                try:
+                    llm.use_adapter(None if rest.strip() == "base" else rest.strip())
+                except UserError as e:
+                    print(f"error: {e}")
+                    continue
+                print(f"(now using {llm.adapter or 'the base model'})")
             else:
                 print(CHAT_HELP)
             continue
@@ -386,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("--doc", help="a reference document (text file) to answer about (seed 0's 资料)")
+    ch.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                    help="load a LoRA run's adapter onto RUN (the base); repeat for several, the "
+                         "last is active; switch with /adapter NAME")
     add_sampling_args(ch, max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
     ch.set_defaults(func=cmd_chat)
 

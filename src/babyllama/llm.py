@@ -71,6 +71,46 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
+        self.adapter: str | None = None  # the LoRA adapter in use (None: the model as loaded)
+
+    # -- several LoRA adapters on one base, switched by name ---------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}))
+
+    def add_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Load a LoRA run's adapter onto this model under `name` (default: the folder's name)
+        and switch to it. The loaded model is the base: load the base run, then its adapters."""
+        from babyllama.lora import load_adapter, read_adapter_config
+
+        path = Path(path)
+        name = name or path.name
+        if name in self.adapters:
+            raise UserError(f"an adapter named {name!r} is already loaded")
+        if not self.adapters:
+            self.model = load_adapter(self.model, path, adapter_name=name).eval()
+        else:
+            read_adapter_config(path)
+            try:
+                self.model.load_adapter(str(path), adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as e:  # peft/torch on mismatched tensors
+                raise UserError(f"{path}: does not fit this base ({str(e).splitlines()[0]})") from None
+        self.use_adapter(name)
+        return name
+
+    def use_adapter(self, name: str | None) -> None:
+        """Switch to a loaded adapter by name; None runs the base model alone."""
+        if name is None:
+            if self.adapters:
+                self.model.base_model.disable_adapter_layers()
+        else:
+            if name not in self.adapters:
+                known = ", ".join(self.adapters) or "none loaded"
+                raise UserError(f"no adapter named {name!r} ({known})")
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name)
+        self.model.eval()
+        self.adapter = name
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "LLM":

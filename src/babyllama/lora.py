@@ -141,13 +141,13 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
+def adapter_state(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's saved names (no adapter name, no base weights)."""
     from peft import get_peft_model_state_dict
 
     # save_embedding_layers=False: peft would otherwise store the whole embedding table next to
     # an embedding LoRA (for resized vocabularies); ours never resizes, so the base has it.
-    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -183,7 +183,7 @@ def read_adapter_config(directory: str | Path) -> dict:
     return d
 
 
-def load_adapter(model: nn.Module, directory: str | Path):
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default"):
     """Our base Llama + a saved adapter directory -> the wrapped model with the adapter's weights.
 
     Every tensor is checked against the base first: a missing key, a key naming no layer of the
@@ -214,11 +214,11 @@ def load_adapter(model: nn.Module, directory: str | Path):
     training = model.training
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        wrapped = peft.get_peft_model(model, peft_cfg).train(training)
+        wrapped = peft.get_peft_model(model, peft_cfg, adapter_name=adapter_name).train(training)
     except ValueError as e:
         raise UserError(f"{cfg_path}: {str(e).splitlines()[0]}") from None
     try:
-        _check_state(wrapped, state, weights)
+        _check_state(wrapped, state, weights, adapter_name)
     except UserError:
         # peft injected its layers into `model` in place: take them out again so the caller's
         # base is unchanged after a bad adapter.
@@ -226,13 +226,13 @@ def load_adapter(model: nn.Module, directory: str | Path):
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
         raise
-    result = peft.set_peft_model_state_dict(wrapped, state)
+    result = peft.set_peft_model_state_dict(wrapped, state, adapter_name=adapter_name)
     assert not result.unexpected_keys, result.unexpected_keys
     return wrapped
 
 
-def _check_state(wrapped, state: dict, weights: Path) -> None:
-    expected = adapter_state(wrapped)
+def _check_state(wrapped, state: dict, weights: Path, adapter_name: str = "default") -> None:
+    expected = adapter_state(wrapped, adapter_name)
     for k in sorted(state):
         if k not in expected:
             raise UserError(f"{weights}: {k} names no adapter layer of the base model")

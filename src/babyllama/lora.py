@@ -201,6 +201,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         raise UserError(f"{cfg_path}: not a usable LoRA config ({e})") from None
     peft_cfg.task_type = None  # see the module docstring: our forward, not transformers'
     peft_cfg.inference_mode = False
+    # The base is the model we were given; peft would otherwise warn that its (absent) name
+    # differs from the path recorded at save time.
+    peft_cfg.base_model_name_or_path = None
     targets = d.get("target_modules")
     if isinstance(targets, list):
         _check_targets(model, targets)

@@ -57,6 +57,27 @@ def tiny_data(corpus_file, tiny_tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+def hf_twin(model):
+    """transformers' LlamaForCausalLM with `model`'s config and weights (the reference the
+    parity tests compare with). Imports transformers only when called."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+        attention_dropout=0.0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not (c.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"}
+    return hf
+
+
 TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
               "model.num_attention_heads=4", "model.num_key_value_heads=2",
               "model.max_position_embeddings=64"]

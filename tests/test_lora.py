@@ -9,6 +9,7 @@ import torch
 
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, ModelConfig
+from conftest import hf_twin
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -27,23 +28,6 @@ def tiny_config(**kw) -> ModelConfig:
 def base_model(seed: int = 0, **kw) -> Llama:
     torch.manual_seed(seed)
     return Llama(tiny_config(**kw)).eval()
-
-
-def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
-    """transformers' Llama with our model's weights (as in tests/test_model.py)."""
-    c = model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_position_embeddings,
-        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-        attention_dropout=0.0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    state = {k: v for k, v in model.state_dict().items()
-             if not (c.tie_word_embeddings and k == "lm_head.weight")}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    return hf
 
 
 def randomize_adapter(model, seed: int = 1) -> None:

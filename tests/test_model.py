@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from babyllama.model.llama import Llama, ModelConfig
+from conftest import hf_twin
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,24 +17,6 @@ def tiny_config(**kw) -> ModelConfig:
                 rope_theta=10000.0)
     base.update(kw)
     return ModelConfig(**base)
-
-
-def hf_twin(model: Llama) -> "transformers.LlamaForCausalLM":
-    c = model.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_position_embeddings,
-        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
-        attention_dropout=0.0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    state = model.state_dict()
-    if c.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected
-    assert set(missing) <= {"lm_head.weight"}
-    return hf
 
 
 @pytest.mark.parametrize("kw", [

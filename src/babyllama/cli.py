@@ -110,7 +110,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_sft(args) -> None:
     from babyllama.config import parse_overrides
-    from babyllama.train.sft import run_sft, sft_config
+    from babyllama.train.sft import given_train_keys, run_sft, sft_config
 
     if args.resume:
         cfg = resume_config(args)
@@ -140,7 +140,7 @@ def cmd_sft(args) -> None:
                 lora["qlora"] = True
         cfg = sft_config(args.base, values)
         cfg.out_dir = args.out
-        given = set(values.get("train", {})) if isinstance(values.get("train"), dict) else set()
+        given = given_train_keys(values)
     run_dir = run_sft(cfg, resume=args.resume, given=given)
     print(f"run directory: {run_dir}  (model.safetensors, metrics.jsonl, loss.png, samples.txt)")
     print(f"talk to it:    babyllama chat {run_dir}")

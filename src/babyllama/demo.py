@@ -154,7 +154,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
 
 def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
     from babyllama.config import read_run_config
-    from babyllama.train.sft import run_sft, sft_config
+    from babyllama.train.sft import given_train_keys, run_sft, sft_config
 
     if (sft_dir / "resume" / "trainer.json").exists():
         cfg = read_run_config(sft_dir)
@@ -163,10 +163,8 @@ def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
         run_sft(cfg, resume=True)
         return
     overrides = {"sft": {"sources": [SFT_DATA], "epochs": SFT_EPOCHS}}
-    given = set()
     if steps:
         overrides["train"] = {"max_steps": steps}
-        given.add("max_steps")
     cfg = sft_config(base, overrides)
     cfg.out_dir = str(sft_dir)
-    run_sft(cfg, given=given)
+    run_sft(cfg, given=given_train_keys(overrides))

@@ -148,7 +148,6 @@ class LLM:
         cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         yield from stream_completion(self.model, self.tokenizer, prompt, cfg)
 
-
     def chat(self, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.7,
              top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.1,
              seed: int | None = None, document: str | None = None) -> str:

@@ -670,16 +670,30 @@ Parsed = tuple[list[dict], str | None, str | None]
 
 
 def _parse_openai(record, seed: int) -> Parsed:
+    return _parse_message_list(record, "messages", ("role",), ("content",))
+
+
+def _parse_sharegpt(record, seed: int) -> Parsed:
+    return _parse_message_list(record, "conversations", ("from", "role"), ("value", "content"))
+
+
+def _parse_message_list(record, field: str, role_keys: tuple[str, ...],
+                        content_keys: tuple[str, ...]) -> Parsed:
+    """`{field: [{role, content}, ...]}` under the first of the given key names that is present."""
+    def named(m: dict, keys: tuple[str, ...], i: int):
+        key = next((k for k in keys if k in m), None)
+        if key is None:
+            alias = f" (or {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
+            raise _Bad(f"message {i} has no {keys[0]!r}{alias}")
+        return m[key]
+
     record = _object(record)
     turns = []
-    for i, m in enumerate(_list(_field(record, "messages"), "messages"), 1):
+    for i, m in enumerate(_list(_field(record, field), field), 1):
         if not isinstance(m, dict):
             raise _Bad(f"message {i} is {_json_type(m)}, not an object")
-        if "role" not in m:
-            raise _Bad(f"message {i} has no 'role'")
-        if "content" not in m:
-            raise _Bad(f"message {i} has no 'content'")
-        turns.append((_role(m["role"], i), _content_text(m["content"], i)))
+        role = named(m, role_keys, i)
+        turns.append((_role(role, i), _content_text(named(m, content_keys, i), i)))
     messages, system = _finish(turns)
     return messages, system or _system(record), None
 
@@ -692,22 +706,6 @@ def _content_text(content, i: int):
             return "".join(p["text"] for p in content)
         raise _Bad(f"message {i} content is a list with non-text parts")
     return content
-
-
-def _parse_sharegpt(record, seed: int) -> Parsed:
-    record = _object(record)
-    turns = []
-    for i, m in enumerate(_list(_field(record, "conversations"), "conversations"), 1):
-        if not isinstance(m, dict):
-            raise _Bad(f"message {i} is {_json_type(m)}, not an object")
-        role = m.get("from", m.get("role"))
-        if role is None:
-            raise _Bad(f"message {i} has no 'from' (or 'role')")
-        if "value" not in m and "content" not in m:
-            raise _Bad(f"message {i} has no 'value' (or 'content')")
-        turns.append((_role(role, i), m.get("value", m.get("content"))))
-    messages, system = _finish(turns)
-    return messages, system or _system(record), None
 
 
 def _parse_alpaca(record, seed: int) -> Parsed:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from babyllama.data.shards import _val_score
-from babyllama.tokenizer.chat_template import encode_chat
+from babyllama.tokenizer.chat_template import fit_chat
 
 IGNORE = -100  # target value the loss skips
 
@@ -102,49 +102,9 @@ def build_examples(conversations, tokenizer, max_len: int, *, template: str | No
 
 def _fit(conv, tokenizer, max_len: int, template):
     """(encoding, messages dropped, document shortened) within max_len, or why it can't fit."""
-    def encode(messages, document):
-        return encode_chat(tokenizer, messages, document=document, template=template)
-
-    messages = conv.template_messages()
-    document = conv.document
-    enc = encode(messages, document)
-    if len(enc.ids) <= max_len:  # the common case: one encode
-        return enc, 0, False
-    n_system = 0
-    while n_system < len(messages) and messages[n_system]["role"] == "system":
-        n_system += 1
-    head, turns = messages[:n_system], messages[n_system:]
-    # An exchange starts at a user turn; drop whole exchanges so the rest still starts with one.
-    starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
-
-    # Length shrinks as exchanges go, so binary-search the fewest to drop (log n encodes).
-    k = _first_true(len(starts), lambda k: len(encode(head + turns[starts[k]:], document).ids) <= max_len)
-    if k < len(starts):
-        return encode(head + turns[starts[k]:], document), starts[k], False
-    last = head + turns[starts[-1]:] if starts else messages
-    dropped = starts[-1] if starts else 0
-    if document:
-        # The last exchange alone is too long with the whole document: keep its longest prefix
-        # that fits (at least one character, so the template still shows that there was one).
-        def too_long(n_chars):
-            return len(encode(last, document[:n_chars]).ids) > max_len
-        # The whole document is known to be too long: search the first too-long prefix.
-        cut = _first_true(len(document), too_long) - 1
-        if cut >= 1:
-            return encode(last, document[:cut]), dropped, True
-    return f"last exchange longer than {max_len} tokens"
-
-
-def _first_true(n: int, pred) -> int:
-    """Smallest k in [0, n) with pred(k) true, for pred false...false true...true; n if none."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    fitted = fit_chat(tokenizer, conv.template_messages(), max_len, document=conv.document,
+                      template=template)
+    return fitted if fitted is not None else f"last exchange longer than {max_len} tokens"
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -222,10 +182,6 @@ class SFTBatches:
         # Share of the batch positions that hold example tokens (the rest is padding).
         self.fill = float(lengths.sum()) / slots
         self._order: tuple[int, np.ndarray] | None = None
-
-    def tokens_per_step(self) -> int:
-        """Nominal positions per optimizer step (padded batches are usually shorter)."""
-        return self.seq_len * self.batch_size * self.grad_accum * self.world_size
 
     def steps_for_epochs(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * self.batches_per_epoch / (self.grad_accum * self.world_size)))

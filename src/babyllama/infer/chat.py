@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from babyllama.errors import UserError
 from babyllama.infer.generate import SamplingConfig, eval_mode, generate_ids, stream_text
-from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
+from babyllama.tokenizer.chat_template import encode_chat, fit_chat, stop_token_ids
 
 
 def split_system(messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -38,25 +38,16 @@ def check_messages(messages: list[dict]) -> None:
 def prompt_ids(tokenizer, messages: list[dict], *, budget: int, document: str | None = None,
                template: str | None = None) -> tuple[list[int], int]:
     """The generation prompt for `messages` in at most `budget` tokens, and how many earlier
-    messages were dropped to fit. The system prompt and the last user turn are always kept."""
-    system, turns = split_system(messages)
-    dropped = 0
-    while True:
-        ids = encode_chat(tokenizer, system + turns, document=document, add_generation_prompt=True,
-                          template=template).ids
-        if len(ids) <= budget:
-            return ids, dropped
-        if len(turns) > 1:
-            # Drop whole exchanges from the front so the history still starts with a user turn.
-            cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
-            turns, dropped = turns[cut:], dropped + cut
-            continue
-        if document:
-            # Keep as much of the reference document as fits (it is read, not answered).
-            document = document[: len(document) * 3 // 4] if len(document) > 16 else None
-            continue
-        raise UserError(f"chat: the message alone is {len(ids)} tokens; the context leaves room "
+    messages were dropped to fit (the same shortening as SFT examples get)."""
+    fitted = fit_chat(tokenizer, messages, budget, document=document, add_generation_prompt=True,
+                      template=template)
+    if fitted is None:
+        n = len(encode_chat(tokenizer, split_system(messages)[0] + messages[-1:],
+                            add_generation_prompt=True, template=template).ids)
+        raise UserError(f"chat: the message alone is {n} tokens; the context leaves room "
                         f"for {budget} (shorten it or lower max_new_tokens)")
+    enc, dropped, _ = fitted
+    return enc.ids, dropped
 
 
 def stream_chat(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,

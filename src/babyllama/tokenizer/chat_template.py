@@ -351,6 +351,53 @@ def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
     return ChatEncoding(ids, mask, spans)
 
 
+def fit_chat(tokenizer, messages: list[dict], max_len: int, *, document: str | None = None,
+             add_generation_prompt: bool = False,
+             template: str | None = None) -> tuple[ChatEncoding, int, bool] | None:
+    """`encode_chat` within `max_len` tokens: (encoding, messages dropped, document shortened),
+    or None when even the last exchange cannot fit. Used for training examples and for chat
+    prompts alike, so both shorten a conversation the same way: whole exchanges go from the
+    front (system prompt kept, the rest still starts with a user turn), then the end of the
+    document; the last user turn (and its answer) is never cut."""
+    def encode(msgs, doc):
+        return encode_chat(tokenizer, msgs, document=doc, add_generation_prompt=add_generation_prompt,
+                           template=template)
+
+    enc = encode(messages, document)
+    if len(enc.ids) <= max_len:  # the common case: one encode
+        return enc, 0, False
+    n_system = 0
+    while n_system < len(messages) and messages[n_system]["role"] == "system":
+        n_system += 1
+    head, turns = messages[:n_system], messages[n_system:]
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
+    # Length shrinks as exchanges go, so binary-search the fewest to drop (log n encodes).
+    k = _first_true(len(starts), lambda k: len(encode(head + turns[starts[k]:], document).ids) <= max_len)
+    if k < len(starts):
+        return encode(head + turns[starts[k]:], document), starts[k], False
+    last = head + turns[starts[-1]:] if starts else messages
+    dropped = starts[-1] if starts else 0
+    if document:
+        # Keep the document's longest prefix that fits (at least one character, so the
+        # template still shows that there was one); the whole of it is known to be too long.
+        cut = _first_true(len(document), lambda n: len(encode(last, document[:n]).ids) > max_len) - 1
+        if cut >= 1:
+            return encode(last, document[:cut]), dropped, True
+    return None
+
+
+def _first_true(n: int, pred) -> int:
+    """Smallest k in [0, n) with pred(k) true, for pred false...false true...true; n if none."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """Tokens that end an answer: EOS, plus ChatML's <|im_end|> when the vocabulary has it."""
     ids = [tokenizer.eos_id]

@@ -7,6 +7,7 @@ the assistant tokens, packed or padded batches, and optional replay of pretraini
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -46,6 +47,12 @@ def absolute_source(spec: str) -> str:
     return str(Path(path).resolve()) + (f"@{weight:g}" if "@" in spec else "")
 
 
+def given_train_keys(overrides: dict | None) -> set[str]:
+    """The train.* keys a user set: data-derived SFT defaults must not replace them."""
+    train = (overrides or {}).get("train")
+    return set(train) if isinstance(train, dict) else set()
+
+
 def sft_config(base: str | Path, overrides: dict | None = None) -> RunConfig:
     """The SFT run's config: the base run's model, its train settings with SFT defaults, then
     the user's overrides. Values the user sets win over every default derived here."""
@@ -68,8 +75,7 @@ def sft_config(base: str | Path, overrides: dict | None = None) -> RunConfig:
     cfg.sft.base = str(base.resolve())
     if overrides:
         apply_values(cfg, overrides)
-    given = overrides.get("train", {}) if overrides and isinstance(overrides.get("train"), dict) else {}
-    if cfg.lora.enabled and "lr" not in given:
+    if cfg.lora.enabled and "lr" not in given_train_keys(overrides):
         # Adapters start at zero and have few parameters: LoRA is usually run at several
         # times the full fine-tuning rate (Hu et al. 2021; QLoRA); the base's peak is 2x ours.
         cfg.train.lr = b.lr
@@ -229,7 +235,8 @@ def run_sft(cfg: RunConfig, resume: bool = False, given: set[str] = frozenset())
         model = Llama(cfg.model)
         load_weights(model, base / "model.safetensors")
         if info.is_main:
-            print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {base} "
+            shown = os.path.relpath(base) if base.is_relative_to(Path.cwd()) else base  # short in logs
+            print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {shown} "
                   f"on {device}, {info.world_size} process(es)")
         if cfg.lora.enabled:
             model = with_lora(model, cfg, device, info.is_main)

@@ -174,8 +174,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        targets = torch.zeros((), dtype=torch.long, device=device)
+        # [loss sum, target count]: one tensor, so DDP reduces (and the host reads) both at once.
+        sums = torch.zeros(2, dtype=torch.float32, device=device)  # (no float64 on MPS)
         for micro in range(t.grad_accum):
             x, y, extra = train_data.get(step, micro, device)
             # DDP all-reduces gradients on every backward; skip that on all but the last
@@ -186,14 +186,15 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
                 _, loss = forward_model(x, y, **extra)
             scaled = loss / t.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-            targets += (y != -100).sum()
+            sums[0] += loss.detach().float()
+            sums[1] += (y != -100).sum()
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        step_loss = all_reduce_sum(loss_sum / t.grad_accum, info) / info.world_size
-        step_tokens = int(all_reduce_sum(targets, info))
-        loss_value, norm_value = float(step_loss), float(grad_norm)
+        loss_total, step_tokens = all_reduce_sum(sums, info).tolist()
+        loss_value = loss_total / (t.grad_accum * info.world_size)
+        step_tokens = int(step_tokens)
+        norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if scaler is not None:
             scaler.step(optimizer)  # skips the update by itself on inf/nan gradients

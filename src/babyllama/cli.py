@@ -148,17 +148,31 @@ def cmd_sft(args) -> None:
 
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+                length_penalty=args.length_penalty, stop=tuple(args.stop or ()), seed=args.seed,
+                truncate="left" if args.truncate_left else "error")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, temperature: float = 0.8,
                       top_k: int = 0, repetition_penalty: float = 1.0) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=top_k)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
-    p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("decoding (transformers' GenerationConfig semantics)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=repetition_penalty, help="1 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    g.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (may be repeated)")
+    g.add_argument("--truncate-left", action="store_true",
+                   help="drop a too-long prompt's oldest tokens instead of stopping with an error")
+    g.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
 
 
@@ -248,6 +262,12 @@ def cmd_generate(args) -> None:
 
     llm = load(args.run, device=args.device)
     kwargs = sampling_kwargs(args)
+    if args.num_return_sequences > 1:
+        for prompt in args.prompt:
+            for i, text in enumerate(llm.generate(prompt, num_return_sequences=args.num_return_sequences,
+                                                  **kwargs)):
+                print(f"[{i + 1}] {prompt}{text}")
+        return
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         for piece in llm.stream(prompt, **kwargs):
@@ -362,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="continue a prompt with a trained model")
     ge.add_argument("run", help="a run directory (or a transformers Llama directory)")
     ge.add_argument("--prompt", action="append", required=True, help="may be repeated")
+    ge.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
     add_sampling_args(ge)
     ge.set_defaults(func=cmd_generate)
 

@@ -3,7 +3,9 @@ litgpt-style API).
 
     llm = babyllama.load("runs/demo/pretrain")
     llm.generate("中国", max_new_tokens=50, temperature=0.8, top_k=50)
-    for piece in llm.stream("今天"):
+    llm.generate(["中国", "今天"], temperature=0)            # one batch, greedy
+    llm.generate("中国", num_beams=3, length_penalty=1.0)     # beam search (seed 2)
+    for piece in llm.stream("今天", stop=["。"]):
         print(piece, end="")
     llm.chat([{"role": "user", "content": "你好"}])       # a fine-tuned (SFT) run
 
@@ -22,11 +24,14 @@ import torch
 from babyllama.config import read_run_config
 from babyllama.errors import UserError
 from babyllama.infer.chat import ChatSession, chat_text
-from babyllama.infer.generate import SamplingConfig, stream_completion
+from babyllama.infer.config import GenerationConfig, generation_config
+from babyllama.infer.generate import Completion, complete, prompt_ids, stream
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
 from babyllama.train.distributed import pick_device
+
+CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
 
 HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -130,31 +135,40 @@ class LLM:
         dev = pick_device(device)
         return cls(model.to(dev), tokenizer, dev)
 
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> str | list[str]:
-        """The continuation of `prompt` (a list of prompts gives a list of continuations)."""
-        if isinstance(prompt, list):
-            return [self.generate(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-                    for p in prompt]
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p,
-                                   repetition_penalty, seed))
+    def generate(self, prompt: str | list[str], **settings) -> str | list[str] | list[list[str]]:
+        """The continuation of `prompt`; a list of prompts is generated as one batch and gives a
+        list. `settings` are GenerationConfig fields: max_new_tokens, temperature (0: greedy),
+        top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,
+        no_repeat_ngram_size, num_beams, length_penalty, early_stopping, num_return_sequences
+        (> 1: a list of continuations per prompt), stop (strings), stop_token_ids, seed,
+        truncate ("left" cuts a too-long prompt)."""
+        cfg = generation_config(settings)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        done = self.complete(prompts, cfg)
+        n = cfg.num_return_sequences
+        texts = [[c.text for c in done[i * n:(i + 1) * n]] for i in range(len(prompts))]
+        texts = [t[0] if n == 1 else t for t in texts]
+        return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0,
-               seed: int | None = None) -> Iterator[str]:
+    def complete(self, prompts: list[str], cfg: GenerationConfig) -> list[Completion]:
+        """Completions with their token ids and finish reasons (prompt-major when n > 1)."""
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        return complete(self.model, self.tokenizer, ids, cfg)
+
+    def stream(self, prompt: str, **settings) -> Iterator[str]:
         """Yield the continuation piece by piece; a piece never ends inside a multi-byte
-        character (byte-level tokens can split one across two tokens)."""
-        cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        yield from stream_completion(self.model, self.tokenizer, prompt, cfg)
+        character (byte-level tokens can split one across two tokens) nor shows part of a stop
+        string. `settings`: as for `generate`."""
+        cfg = generation_config(settings)
+        yield from stream(self.model, self.tokenizer, prompt_ids(self.tokenizer, prompt), cfg)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.7,
-             top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.1,
-             seed: int | None = None, document: str | None = None) -> str:
+    def chat(self, messages: list[dict], document: str | None = None, **settings) -> str:
         """The assistant's answer to `messages` ([{"role": "system"|"user"|"assistant",
         "content": ...}], ending with the user's), rendered with the run's chat template;
-        `document` is a reference passage to answer about (seed 0's 资料)."""
-        cfg = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        `document` is a reference passage to answer about (seed 0's 资料). `settings`: as for
+        `generate`, with chat defaults (max_new_tokens 200, temperature 0.7, top_k 50,
+        repetition_penalty 1.1)."""
+        cfg = generation_config({**CHAT_DEFAULTS, **settings})
         return chat_text(self.model, self.tokenizer, messages, cfg, document=document)
 
     def chat_session(self, system: str | None = None, document: str | None = None) -> ChatSession:

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from babyllama.errors import UserError
-from babyllama.infer.generate import SamplingConfig, eval_mode, generate_ids, stream_text
+from babyllama.infer.config import GenerationConfig, generation_config
+from babyllama.infer.generate import eval_mode, stream
 from babyllama.tokenizer.chat_template import encode_chat, fit_chat, stop_token_ids
 
 
@@ -50,7 +51,7 @@ def prompt_ids(tokenizer, messages: list[dict], *, budget: int, document: str | 
     return enc.ids, dropped
 
 
-def stream_chat(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
+def stream_chat(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *,
                 document: str | None = None, template: str | None = None) -> Iterator[str]:
     """The assistant's answer to `messages` as text pieces."""
     check_messages(messages)
@@ -58,17 +59,17 @@ def stream_chat(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
     # Leave room for the answer, but never less than half the context for the prompt.
     budget = max(context // 2, context - cfg.max_new_tokens)
     ids, _ = prompt_ids(tokenizer, messages, budget=budget, document=document, template=template)
-    yield from stream_text(tokenizer, generate_ids(model, ids, cfg, stop_ids=stop_token_ids(tokenizer)))
+    yield from stream(model, tokenizer, ids, cfg, stop_ids=stop_token_ids(tokenizer))
 
 
-def chat_text(model, tokenizer, messages: list[dict], cfg: SamplingConfig, *,
+def chat_text(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *,
               document: str | None = None, template: str | None = None) -> str:
     with eval_mode(model):
         return "".join(stream_chat(model, tokenizer, messages, cfg, document=document,
                                    template=template)).strip()
 
 
-def chat_sample(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
+def chat_sample(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
     """One-turn answer to `prompt`: the trainer's sample function for SFT runs. A prompt too
     long for a small context is reported in the samples rather than ending the run."""
     try:
@@ -92,9 +93,9 @@ class ChatSession:
         return head + self.history
 
     def send(self, text: str, **sampling) -> Iterator[str]:
-        """Stream the answer to `text` (`sampling`: SamplingConfig fields); the exchange joins
+        """Stream the answer to `text` (`sampling`: GenerationConfig fields); the exchange joins
         the history once it is complete."""
-        cfg = SamplingConfig(**sampling)
+        cfg = generation_config(sampling)
         pending = self.messages() + [{"role": "user", "content": text}]
         pieces = []
         with eval_mode(self.model):

@@ -1,8 +1,10 @@
-"""Text generation with a KV cache: prefill the prompt once, then decode one token per step.
+"""Text in, text out, on top of the engine: prompts are encoded with BOS, new tokens become text
+pieces that never split a character, stop strings end a row as soon as its text contains one
+(even when it spans several tokens), and a streamed piece never shows the start of a stop
+string that may still complete.
 
-Decoding settings follow transformers' `GenerationConfig` semantics (seed 1), applied in the
-same order as its `generate`: repetition penalty, then temperature, top-k and top-p.
-`temperature=0` means greedy.
+    stream(model, tokenizer, ids, cfg)          -> iterator of text pieces (one prompt)
+    complete(model, tokenizer, [ids, ...], cfg) -> [Completion] (batched; beams; n samples)
 """
 
 from __future__ import annotations
@@ -13,142 +15,178 @@ from dataclasses import dataclass
 
 import torch
 
-from babyllama.errors import UserError
+from babyllama.infer.beam import beam_search
+from babyllama.infer.config import GenerationConfig
+from babyllama.infer.engine import Decoder, fit_prompts
 
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.8        # 0: greedy
-    top_k: int = 0                  # 0: off
-    top_p: float = 1.0              # 1.0: off
-    repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already present
-    seed: int | None = None
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 0:
-            out.append(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            out.append(f"temperature must not be negative, got {self.temperature}")
-        if self.top_k < 0:
-            out.append(f"top_k must not be negative, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            out.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            out.append(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        return out
+class Completion:
+    text: str
+    ids: list[int]           # generated tokens (a stop token is not included)
+    finish_reason: str       # "stop": stop token or string; "length": max_new_tokens or context
+    prompt_tokens: int
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty as transformers applies it: divide positive logits, multiply negative ones,
-    for every token id present in `seen` (prompt and generated so far)."""
-    score = torch.gather(logits, 1, seen)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(1, seen, score)
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[..., -1, None]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus sampling as transformers' TopPLogitsWarper: drop the least likely tokens whose
-    cumulative probability stays <= 1 - p, always keeping the most likely one."""
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - p)
-    remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if cfg.temperature > 0:
-        if cfg.temperature != 1.0:
-            logits = logits / cfg.temperature
-        if cfg.top_k > 0:
-            logits = apply_top_k(logits, cfg.top_k)
-        if cfg.top_p < 1.0:
-            logits = apply_top_p(logits, cfg.top_p)
-    return logits
-
-
-@torch.inference_mode()
-def generate_ids(model, prompt_ids: list[int], cfg: SamplingConfig,
-                 stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield new token ids one at a time (batch 1); stops at a stop id (not yielded), at
-    max_new_tokens, or at the end of the context."""
-    problems = cfg.problems()
-    if problems:
-        raise UserError("; ".join(problems))
-    context = model.config.max_position_embeddings
-    if not prompt_ids:
-        raise UserError("the prompt is empty: give at least one token (e.g. the BOS token)")
-    if len(prompt_ids) >= context:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
-    device = model.lm_head.weight.device
-    generator = None
-    if cfg.seed is not None:
-        # A private generator: sampling must not disturb the global RNG (training resumes
-        # exactly even when samples are drawn mid-run).
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    budget = min(cfg.max_new_tokens, context - len(prompt_ids))
-    cache = model.new_cache(1, len(prompt_ids) + budget)
-    # Prompt and generated ids in one pre-allocated row (the repetition penalty reads them).
-    seen = torch.empty(1, len(prompt_ids) + budget, dtype=torch.long, device=device)
-    n = len(prompt_ids)
-    seen[0, :n] = torch.tensor(prompt_ids, dtype=torch.long)
-    logits, _ = model(seen[:, :n], cache=cache, last_only=True)
-    for _ in range(budget):
-        scores = process_logits(logits[:, -1, :], seen[:, :n], cfg)
-        if cfg.temperature == 0:
-            next_id = scores.argmax(dim=-1, keepdim=True)
-        else:
-            probs = scores.softmax(dim=-1)
-            next_id = torch.multinomial(probs, 1, generator=generator)
-        token = int(next_id)
-        if token in stop_ids:
-            return
-        yield token
-        seen[:, n] = next_id[:, 0]
-        n += 1
-        logits, _ = model(next_id, cache=cache)
-
-
-def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Turn a stream of token ids into text pieces. A byte-level token can hold part of a
-    multi-byte character; a piece is held back until its character is complete.
+class Detokenizer:
+    """Token ids to text pieces, one token at a time. A byte-level token can hold part of a
+    multi-byte character: a piece is held back until its character is complete.
 
     Each step decodes only the tokens since the previous piece, plus the piece before them
     as context (vLLM's incremental detokenisation): SentencePiece drops a leading space when
     decoding from a piece boundary, so the context token is decoded too and then cut off.
     """
-    seen: list[int] = []
-    prefix = read = 0  # seen[prefix:read] is the last emitted piece, seen[read:] is pending
-    for token in ids:
-        seen.append(token)
-        before = tokenizer.decode(seen[prefix:read])
-        text = tokenizer.decode(seen[prefix:])
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the last emitted piece, ids[read:] pending
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
         if text.endswith("\ufffd") or len(text) <= len(before):
-            continue
-        yield text[len(before):]
-        prefix, read = read, len(seen)
-    if read < len(seen):
-        rest = tokenizer.decode(seen[prefix:])[len(tokenizer.decode(seen[prefix:read])):]
-        if rest:
-            yield rest
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end, as U+FFFD)."""
+        if self.read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        rest = self.tokenizer.decode(self.ids[self.prefix:])[len(before):]
+        self.prefix = self.read = len(self.ids)
+        return rest
 
 
-def stream_completion(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """The continuation of `prompt` (BOS + its tokens) as text pieces, up to EOS."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    yield from stream_text(tokenizer, generate_ids(model, ids, cfg, stop_ids=(tokenizer.eos_id,)))
+class StopStrings:
+    """Finds stop strings in a growing text. `push(piece)` returns the text that is safe to show
+    and whether a stop string was found; text that could be the start of a stop string is held
+    back until the next piece decides."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.shown = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        if not self.stops:
+            out, self.shown = self.text[self.shown:], len(self.text)
+            return out, False
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
+            out, self.shown = self.text[self.shown:], len(self.text)
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        safe = len(self.text) - hold
+        out = self.text[self.shown:safe] if safe > self.shown else ""
+        self.shown = max(self.shown, safe)
+        return out, False
+
+    def flush(self) -> str:
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
+
+
+class TextRow:
+    """One row's detokenizer and stop-string matcher together."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.detok = Detokenizer(tokenizer)
+        self.stops = StopStrings(stops)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        piece = self.detok.push(token)
+        return self.stops.push(piece) if piece else ("", False)
+
+    def flush(self) -> str:
+        if self.stops.stopped:
+            return ""
+        out, _ = self.stops.push(self.detok.flush())
+        return out + self.stops.flush()
+
+
+def end_ids(tokenizer) -> tuple[int, ...]:
+    """Tokens that end a plain completion: the tokenizer's EOS."""
+    return (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+
+
+def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
+           stop_ids: tuple[int, ...] | None = None) -> Iterator[str]:
+    """The continuation of one prompt as text pieces (beam search yields its best hypothesis
+    whole, at the end)."""
+    stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
+    if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
+        one = GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 1})
+        yield complete(model, tokenizer, [prompt_ids], one, stop_ids)[0].text
+        return
+    decoder = Decoder(model, [prompt_ids], cfg, stop_ids)
+    row = TextRow(tokenizer, cfg.stop)
+    with torch.inference_mode():
+        while not decoder.done:
+            for _, token in decoder.step():
+                piece, stopped = row.push(token)
+                if piece:
+                    yield piece
+                if stopped:
+                    decoder.finish(0, "stop")
+    rest = row.flush()
+    if rest:
+        yield rest
+
+
+@torch.inference_mode()
+def complete(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
+             stop_ids: tuple[int, ...] | None = None) -> list[Completion]:
+    """Completions of every prompt, `cfg.num_return_sequences` per prompt (prompt-major)."""
+    stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
+    prompts = fit_prompts(prompts, model.config.max_position_embeddings, cfg)
+    if cfg.num_beams > 1:
+        out = []
+        for prompt, hyps in zip(prompts, beam_search(model, prompts, cfg, stop_ids)):
+            for h in hyps:
+                text, stopped = cut_at_stop(tokenizer.decode(h.tokens), cfg.stop)
+                out.append(Completion(text, h.tokens, "stop" if stopped else h.finish_reason, len(prompt)))
+        return out
+    decoder = Decoder(model, prompts, cfg, stop_ids)
+    rows = [TextRow(tokenizer, cfg.stop) for _ in decoder.limits] if cfg.stop else None
+    texts = [[] for _ in decoder.limits]
+    while not decoder.done:
+        for r, token in decoder.step():
+            if rows is not None:
+                piece, stopped = rows[r].push(token)
+                texts[r].append(piece)
+                if stopped:
+                    decoder.finish(r, "stop")
+    out = []
+    for r, ids in enumerate(decoder.tokens):
+        # Without stop strings the text is decoded once at the end: cheaper than piece by piece.
+        text = "".join(texts[r]) + rows[r].flush() if rows is not None else tokenizer.decode(ids)
+        out.append(Completion(text, ids, decoder.finish_reasons[r], decoder.prompt_lengths[r]))
+    return out
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A plain (non-chat) prompt: BOS and the text's tokens, as documents were trained."""
+    return [tokenizer.bos_id] + tokenizer.encode(prompt)
 
 
 @contextlib.contextmanager
@@ -162,7 +200,7 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def generate_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> str:
-    """The prompt's continuation as text (the prompt itself is not repeated)."""
+def generate_text(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
+    """The prompt's continuation as text (the trainer's samples)."""
     with eval_mode(model):
-        return "".join(stream_completion(model, tokenizer, prompt, cfg))
+        return "".join(stream(model, tokenizer, prompt_ids(tokenizer, prompt), cfg))

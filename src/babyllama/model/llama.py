@@ -135,6 +135,12 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep, reorder or repeat batch rows (one prefill serving several samples, beam
+        search following its best beams, finished rows leaving the batch)."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -252,7 +258,9 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
+        # With explicit positions (left-padded generation) the cache may hold pad slots beyond
+        # the context; the positions themselves stay inside it.
+        if position_ids is None and start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context "
                              f"({self.config.max_position_embeddings})")
         if position_ids is None:
@@ -261,8 +269,8 @@ class Llama(nn.Module):
             sin = self.rope_sin[start:start + T]
         else:
             # (B, 1, T, head_dim): one row of the table per token, broadcast over heads. Values
-            # are not range-checked here (that would sync with the GPU every step); packed
-            # positions are below T, which is checked above.
+            # are not range-checked here (that would sync with the GPU every step): packing and
+            # the generation engine keep them below the context.
             cos = self.rope_cos[position_ids].unsqueeze(1)
             sin = self.rope_sin[position_ids].unsqueeze(1)
         if attn_mask is None and start > 0 and T > 1:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
-from babyllama.infer.generate import SamplingConfig, generate_text
+from babyllama.infer.config import GenerationConfig
+from babyllama.infer.generate import generate_text
 from babyllama.train.checkpoint import find_resume_dir, load_resume, publish_weights, save_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum
 from babyllama.train.metrics import MetricsLog, plot_loss
@@ -260,7 +261,7 @@ def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=Non
     lines = [f"## step {step}"]
     sample_fn = sample_fn or generate_text
     for i, prompt in enumerate(t.sample_prompts):
-        cfg = SamplingConfig(max_new_tokens=t.sample_max_new_tokens, temperature=0.8, top_k=50,
+        cfg = GenerationConfig(max_new_tokens=t.sample_max_new_tokens, temperature=0.8, top_k=50,
                              repetition_penalty=1.1, seed=t.seed + i)
         text = sample_fn(model, tokenizer, prompt, cfg)
         lines.append(f"{prompt}|{text}")

@@ -1,0 +1,87 @@
+"""Every decoding setting in one dataclass, with transformers' `GenerationConfig` semantics where
+it has the setting (seed 1 tuned decoding with it) and OpenAI's for the frequency and presence
+penalties. `temperature=0` means greedy; `num_beams > 1` means beam search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from babyllama.errors import UserError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.8          # 0: greedy (argmax)
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1.0: off
+    min_p: float = 0.0                # 0: off; drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0   # 1.0: off; > 1 discourages every token of prompt and output
+    frequency_penalty: float = 0.0    # subtract this x the token's count in the output so far
+    presence_penalty: float = 0.0     # subtract this once the token is in the output
+    no_repeat_ngram_size: int = 0     # 0: off; no n-gram (prompt included) may occur twice
+    num_beams: int = 1                # > 1: beam search (deterministic: sampling settings unused)
+    length_penalty: float = 1.0       # beam score = log-prob sum / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
+    num_return_sequences: int = 1     # samples (or best beams) per prompt, from one prefill
+    stop: tuple[str, ...] = ()        # stop strings: the text ends before the first one found
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's end-of-text tokens
+    seed: int | None = None           # reproducible sampling (the global RNG is left alone)
+    truncate: str = "error"           # "left": drop a too-long prompt's oldest tokens
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        self.stop_token_ids = tuple(self.stop_token_ids or ())
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("max_new_tokens", "top_k", "no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            out.append(f"temperature must not be negative, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            out.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            out.append(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            out.append(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            out.append(f"num_return_sequences ({self.num_return_sequences}) cannot exceed "
+                       f"num_beams ({self.num_beams})")
+        if self.truncate not in ("error", "left"):
+            out.append(f"truncate must be 'error' or 'left', got {self.truncate!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            out.append(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        return out
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+FIELDS = tuple(f.name for f in fields(GenerationConfig))
+
+
+def generation_config(settings: dict) -> GenerationConfig:
+    """A config from keyword settings, naming any unknown key (a typo must not be ignored)."""
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown generation setting(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(FIELDS)}")
+    cfg = GenerationConfig(**settings)
+    cfg.check()
+    return cfg

@@ -1,0 +1,165 @@
+"""The generation engine: a batch of token prompts in, one new token per row per step out.
+
+Prompts of different lengths share one batch by left padding: every row writes its next
+key/value into the same cache column, pad slots are masked out of attention, and each row's
+rotary positions count its own tokens only, so a padded row computes what it would alone.
+`num_return_sequences` samples share their prompt's prefill: the cache rows are repeated
+after it. Finished rows leave the batch (their cache rows are dropped), so a long straggler
+does not make the others pay.
+
+Sampling and greedy decoding live here (`Decoder`); beam search is in `beam.py`; text
+(detokenising, stop strings, streaming) in `generate.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from babyllama.errors import UserError
+from babyllama.infer.config import GenerationConfig
+from babyllama.infer.logits import History, process_logits
+
+
+def fit_prompts(prompts: list[list[int]], context: int, cfg: GenerationConfig) -> list[list[int]]:
+    """Check every prompt fits the context (or cut its oldest tokens when cfg.truncate == "left",
+    keeping room for max_new_tokens)."""
+    out = []
+    for i, p in enumerate(prompts):
+        name = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+        if not p:
+            raise UserError(f"{name} is empty: give at least one token (e.g. the BOS token)")
+        if len(p) >= context:
+            if cfg.truncate != "left":
+                raise UserError(f"{name} has {len(p)} tokens; the model's context is {context} "
+                                "(shorten it, or pass truncate='left' to drop its oldest tokens)")
+        if cfg.truncate == "left":
+            p = p[-max(1, context - cfg.max_new_tokens):]
+        out.append(list(p))
+    return out
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Batch:
+    """Rows of a left-padded batch and their KV cache: prefill, decode steps, row selection."""
+
+    def __init__(self, model, prompts: list[list[int]], extra_len: int):
+        self.model = model
+        device = model_device(model)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        self.pad = torch.tensor([width - n for n in lengths], device=device)
+        self.padded = bool(self.pad.any())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        self.cache = model.new_cache(len(prompts), width + extra_len)
+        mask = positions = None
+        if self.padded:
+            key = torch.arange(width, device=device)
+            real = key[None, :] >= self.pad[:, None]                       # (B, width)
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            # A pad query attends to itself only: a row with no allowed key would give NaN,
+            # which the pad slot's cached keys/values would carry into later layers and steps.
+            mask = (causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=device)))[:, None]
+            positions = (key[None, :] - self.pad[:, None]).clamp(min=0)
+        logits, _ = model(ids, cache=self.cache, attn_mask=mask, position_ids=positions, last_only=True)
+        self.logits = logits[:, -1]
+
+    def select(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.pad.device)
+        self.cache.select(index)
+        self.pad = self.pad[index]
+        self.padded = bool(self.pad.any())
+        self.logits = self.logits[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ((rows,) tensor); the next logits, (rows, vocab)."""
+        mask = positions = None
+        if self.padded:
+            keys = torch.arange(self.cache.pos + 1, device=tokens.device)
+            mask = (keys[None, :] >= self.pad[:, None])[:, None, None, :]
+            positions = (self.cache.pos - self.pad)[:, None]
+        logits, _ = self.model(tokens[:, None], cache=self.cache, attn_mask=mask, position_ids=positions)
+        self.logits = logits[:, -1]
+        return self.logits
+
+
+class Decoder:
+    """Greedy or sampled decoding of several prompts (x num_return_sequences) at once.
+
+    `step()` returns the new (row, token) pairs; a row ends at a stop token (not returned), at
+    its token limit, or when the caller calls `finish(row)` (a stop string found in its text).
+    Rows are numbered prompt-major: prompt i's samples are rows i*n .. i*n+n-1.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], cfg: GenerationConfig,
+                 stop_ids: tuple[int, ...] = ()):
+        cfg.check()
+        context = model.config.max_position_embeddings
+        prompts = fit_prompts(prompts, context, cfg)
+        n = cfg.num_return_sequences
+        self.cfg, self.stop_ids = cfg, frozenset(stop_ids) | frozenset(cfg.stop_token_ids)
+        self.prompt_lengths = [len(p) for p in prompts for _ in range(n)]
+        self.limits = [min(cfg.max_new_tokens, context - len(p)) for p in prompts for _ in range(n)]
+        self.tokens: list[list[int]] = [[] for _ in self.limits]
+        self.finish_reasons: list[str | None] = [None] * len(self.limits)
+        device = model_device(model)
+        self.generator = None
+        if cfg.seed is not None and not cfg.greedy:
+            # A private generator: sampling must not disturb the global RNG (training resumes
+            # exactly even when samples are drawn mid-run).
+            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.batch = Batch(model, prompts, max(self.limits))
+        self.history = History(prompts, self.batch.logits.size(-1), cfg, device)
+        if n > 1:
+            rows = [i for i in range(len(prompts)) for _ in range(n)]
+            self.batch.select(rows)
+            self.history.select(rows)
+        self.active = list(range(len(self.limits)))  # row number of each batch row, in order
+        self.pending: torch.Tensor | None = None       # chosen last step, not yet fed to the model
+        for row, limit in enumerate(self.limits):
+            if limit <= 0:
+                self.finish(row, "length")
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    def step(self) -> list[tuple[int, int]]:
+        keep = [i for i, row in enumerate(self.active) if self.finish_reasons[row] is None]
+        if len(keep) < len(self.active):
+            self.active = [self.active[i] for i in keep]
+            if not self.active:
+                return []
+            self.batch.select(keep)
+            self.history.select(keep)
+            if self.pending is not None:
+                self.pending = self.pending[keep]
+        if not self.active:
+            return []
+        logits = self.batch.logits if self.pending is None else self.batch.step(self.pending)
+        scores = process_logits(logits, self.history, self.cfg)
+        if self.cfg.greedy:
+            chosen = scores.argmax(dim=-1)
+        else:
+            chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=self.generator)[:, 0]
+        chosen_list = chosen.tolist()
+        self.history.append(chosen, chosen_list)
+        self.pending = chosen
+        out = []
+        for row, token in zip(self.active, chosen_list):
+            if token in self.stop_ids:
+                self.finish(row, "stop")
+                continue
+            self.tokens[row].append(token)
+            out.append((row, token))
+            if len(self.tokens[row]) >= self.limits[row]:
+                self.finish(row, "length")
+        return out

@@ -12,6 +12,10 @@ produce the same tokens at batch 1 (checked before timing).
 Rounds alternate ours and theirs, and the median round is reported, so a shared machine's
 drifting load hits both sides.
 
+"weights-only bound": the tokens/s if a step did nothing but the model's matrix products for
+one token (every Linear once, in our layout, nothing else): at batch 1 on a CPU a step is
+bounded by streaming the fp32 weights from memory, whatever the code around them does.
+
     python benchmarks/generate_throughput.py                       # demo-cpu and 43m presets
     python benchmarks/generate_throughput.py --presets demo-cpu --new-tokens 64 --rounds 3
 """
@@ -62,6 +66,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def weights_only_rate(model, rounds: int = 5, steps: int = 50) -> float:
+    """Tokens/s of the matrix products alone at batch 1 (best of `rounds`)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, m.in_features) for m in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(steps):
+                for m, x in zip(linears, inputs):
+                    torch.nn.functional.linear(x, m.weight)
+            best = min(best, (time.perf_counter() - start) / steps)
+    return 1 / best
+
+
 def measure(preset: str, new_tokens: int, rounds: int) -> dict:
     torch.manual_seed(0)
     model = Llama(load_config(preset).model).eval()
@@ -87,8 +106,9 @@ def measure(preset: str, new_tokens: int, rounds: int) -> dict:
         for batch, prompts in ((1, one), (16, sixteen)):
             for name, fn in runs.items():
                 times[(name, batch)].append(timed(lambda: fn(prompts)))
-    return {key: batch * new_tokens / statistics.median(ts) for key, ts in times.items()
-            for batch in (key[1],)}
+    rates = {key: key[1] * new_tokens / statistics.median(ts) for key, ts in times.items()}
+    rates["bound"] = weights_only_rate(fast)
+    return rates
 
 
 def main() -> None:
@@ -104,14 +124,17 @@ def main() -> None:
           f"fp32 CPU, greedy, {args.new_tokens} new tokens, median of {args.rounds} rounds, "
           f"load average {os.getloadavg()[0]:.2f}")
     print()
-    print("| preset | batch | transformers tok/s | ours, plain layout tok/s | ours tok/s | ours / transformers |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| preset | batch | transformers tok/s | ours, plain layout tok/s | ours tok/s | ours / transformers | weights-only bound tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         r = measure(preset, args.new_tokens, args.rounds)
         for b in (1, 16):
+            bound = f"{r['bound']:,.0f}" if b == 1 else ""
             print(f"| {preset} | {b} | {r[('hf', b)]:,.0f} | {r[('ours-plain', b)]:,.0f} | "
-                  f"{r[('ours', b)]:,.0f} | {r[('ours', b)] / r[('hf', b)]:.2f}x |", flush=True)
-        print(f"| {preset} | 16 vs 1 | | | {r[('ours', 16)] / r[('ours', 1)]:.1f}x | |", flush=True)
+                  f"{r[('ours', b)]:,.0f} | {r[('ours', b)] / r[('hf', b)]:.2f}x | {bound} |", flush=True)
+        print(f"| {preset} | 16 vs 1 | {r[('hf', 16)] / r[('hf', 1)]:.1f}x | "
+              f"{r[('ours-plain', 16)] / r[('ours-plain', 1)]:.1f}x | {r[('ours', 16)] / r[('ours', 1)]:.1f}x | | |",
+              flush=True)
 
 
 if __name__ == "__main__":

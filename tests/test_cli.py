@@ -126,4 +126,12 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert gen.stdout.startswith("今天") and len(gen.stdout.strip()) > 2
     again = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12"])
     assert again.stdout == gen.stdout  # greedy is deterministic
+    both = run(["generate", out, "--prompt", "今天", "--prompt", "中国", "--temperature", "0",
+                "--max-new-tokens", "12"])  # one batch, the same greedy text per prompt
+    assert both.returncode == 0 and both.stdout.splitlines()[0] == gen.stdout.splitlines()[0]
+    beams = run(["generate", out, "--prompt", "今天", "--num-beams", "3", "--num-return-sequences", "2",
+                 "--no-repeat-ngram-size", "2", "--max-new-tokens", "8"])
+    assert beams.returncode == 0 and beams.stdout.startswith("[1] 今天") and "\n[2] 今天" in beams.stdout
+    assert_one_line_error(run(["generate", out, "--prompt", "今天" * 80]), "--truncate-left")
+    assert_one_line_error(run(["generate", out, "--prompt", "x", "--top-p", "0"]), "top_p must be in")
     assert_one_line_error(run(["generate", tmp_path / "nothing", "--prompt", "x"]), "nothing")

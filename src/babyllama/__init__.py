@@ -8,3 +8,6 @@ def load(path, device: str = "auto"):
     from babyllama.llm import LLM
 
     return LLM.load(path, device)
+
+
+from babyllama.infer.config import GenerationConfig  # noqa: E402  (light: a dataclass)

@@ -262,15 +262,19 @@ def cmd_generate(args) -> None:
 
     llm = load(args.run, device=args.device)
     kwargs = sampling_kwargs(args)
-    if args.num_return_sequences > 1:
-        for prompt in args.prompt:
-            for i, text in enumerate(llm.generate(prompt, num_return_sequences=args.num_return_sequences,
-                                                  **kwargs)):
-                print(f"[{i + 1}] {prompt}{text}")
+    n = args.num_return_sequences
+    if len(args.prompt) > 1 or n > 1:
+        # Several prompts (or samples) go through the engine as one batch, printed when done.
+        results = llm.generate(args.prompt, num_return_sequences=n, **kwargs)
+        for prompt, texts in zip(args.prompt, results):
+            for i, text in enumerate(texts if n > 1 else [texts]):
+                print(f"[{i + 1}] {prompt}{text}" if n > 1 else f"{prompt}{text}")
         return
     for prompt in args.prompt:
-        sys.stdout.write(prompt)
-        for piece in llm.stream(prompt, **kwargs):
+        pieces = llm.stream(prompt, **kwargs)
+        first = next(pieces, "")  # bad settings or a too-long prompt fail before anything is shown
+        sys.stdout.write(prompt + first)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -25,6 +25,7 @@ from babyllama.config import read_run_config
 from babyllama.errors import UserError
 from babyllama.infer.chat import ChatSession, chat_text
 from babyllama.infer.config import GenerationConfig, generation_config
+from babyllama.infer.engine import prepare_for_decoding
 from babyllama.infer.generate import Completion, complete, prompt_ids, stream
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
@@ -133,7 +134,9 @@ class LLM:
         tokenizer = Tokenizer.load(tok_path)
         model = load_model(path, config)
         dev = pick_device(device)
-        return cls(model.to(dev), tokenizer, dev)
+        model = model.to(dev)
+        prepare_for_decoding(model)
+        return cls(model, tokenizer, dev)
 
     def generate(self, prompt: str | list[str], **settings) -> str | list[str] | list[list[str]]:
         """The continuation of `prompt`; a list of prompts is generated as one batch and gives a

@@ -31,7 +31,8 @@ def fit_prompts(prompts: list[list[int]], context: int, cfg: GenerationConfig) -
         if len(p) >= context:
             if cfg.truncate != "left":
                 raise UserError(f"{name} has {len(p)} tokens; the model's context is {context} "
-                                "(shorten it, or pass truncate='left' to drop its oldest tokens)")
+                                "(shorten it, or have its oldest tokens dropped: truncate='left', "
+                                "--truncate-left)")
         if cfg.truncate == "left":
             p = p[-max(1, context - cfg.max_new_tokens):]
         out.append(list(p))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from babyllama.errors import UserError
+from babyllama.infer.config import CHAT_DEFAULTS
 
 SOURCES_HELP = ("text sources: .txt (a document per line), .jsonl/.json, .parquet, .csv, a directory "
                 "of those, or builtin:peoples-daily / builtin:reviews")
@@ -144,6 +145,13 @@ def cmd_sft(args) -> None:
     run_dir = run_sft(cfg, resume=args.resume, given=given)
     print(f"run directory: {run_dir}  (model.safetensors, metrics.jsonl, loss.png, samples.txt)")
     print(f"talk to it:    babyllama chat {run_dir}")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """What every training stage takes: its run directory, --resume and config overrides."""
+    p.add_argument("-o", "--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
 def sampling_kwargs(args) -> dict:
@@ -378,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-c", "--config", help="a YAML config file")
     pt.add_argument("--data", help="a directory made by `babyllama prepare`")
     pt.add_argument("--tokenizer", help="tokenizer (default: the one saved with the data)")
-    pt.add_argument("-o", "--out", required=True, help="run directory")
-    pt.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_run_args(pt)
     pt.set_defaults(func=cmd_pretrain)
 
     ge = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -412,9 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train low-rank adapters only (lora.r=8 lora.alpha=16 ... to shape them)")
     sf.add_argument("--qlora", action="store_true",
                     help="LoRA over a 4-bit NF4 base (bitsandbytes); lora.compute_dtype=fp32|bf16|fp16")
-    sf.add_argument("-o", "--out", required=True, help="run directory")
-    sf.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    sf.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    add_run_args(sf)
     sf.set_defaults(func=cmd_sft)
 
     ch = sub.add_parser("chat", help="talk with a fine-tuned model, turn by turn")
@@ -425,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                     help="load a LoRA run's adapter onto RUN (the base); repeat for several, the "
                          "last is active; switch with /adapter NAME")
-    add_sampling_args(ch, max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
+    add_sampling_args(ch, **CHAT_DEFAULTS)
     ch.set_defaults(func=cmd_chat)
 
     ml = sub.add_parser("merge-lora", help="fold a LoRA run's adapter into its base: a plain run directory")

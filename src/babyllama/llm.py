@@ -24,15 +24,13 @@ import torch
 from babyllama.config import read_run_config
 from babyllama.errors import UserError
 from babyllama.infer.chat import ChatSession, chat_text
-from babyllama.infer.config import GenerationConfig, generation_config
+from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig, generation_config
 from babyllama.infer.engine import prepare_for_decoding
-from babyllama.infer.generate import Completion, complete, prompt_ids, stream
+from babyllama.infer.generate import Completion, complete, encode_prompt, stream
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
 from babyllama.train.distributed import pick_device
-
-CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
 
 HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -155,7 +153,7 @@ class LLM:
 
     def complete(self, prompts: list[str], cfg: GenerationConfig) -> list[Completion]:
         """Completions with their token ids and finish reasons (prompt-major when n > 1)."""
-        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, cfg)
 
     def stream(self, prompt: str, **settings) -> Iterator[str]:
@@ -163,7 +161,7 @@ class LLM:
         character (byte-level tokens can split one across two tokens) nor shows part of a stop
         string. `settings`: as for `generate`."""
         cfg = generation_config(settings)
-        yield from stream(self.model, self.tokenizer, prompt_ids(self.tokenizer, prompt), cfg)
+        yield from stream(self.model, self.tokenizer, encode_prompt(self.tokenizer, prompt), cfg)
 
     def chat(self, messages: list[dict], document: str | None = None, **settings) -> str:
         """The assistant's answer to `messages` ([{"role": "system"|"user"|"assistant",

@@ -38,7 +38,7 @@ def beam_search(model, prompts: list[list[int]], cfg: GenerationConfig,
     B, K = len(prompts), cfg.num_beams
     budget = min(cfg.max_new_tokens, context - max(len(p) for p in prompts))
     if budget <= 0:
-        return [[Hypothesis([], 0.0, "length")] * cfg.num_return_sequences for _ in prompts]
+        return [[Hypothesis([], 0.0, "length") for _ in range(cfg.num_return_sequences)] for _ in prompts]
     stops = sorted(set(stop_ids) | set(cfg.stop_token_ids))
     batch = Batch(model, prompts, budget)
     device = batch.logits.device

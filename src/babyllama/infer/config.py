@@ -75,6 +75,10 @@ class GenerationConfig:
 
 FIELDS = tuple(f.name for f in fields(GenerationConfig))
 
+# What a chat answer starts from (LLM.chat, ChatSession.send, `babyllama chat`): longer answers
+# and a mild repetition penalty, since small models loop.
+CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
+
 
 def generation_config(settings: dict) -> GenerationConfig:
     """A config from keyword settings, naming any unknown key (a typo must not be ignored)."""

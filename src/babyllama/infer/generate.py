@@ -10,6 +10,7 @@ string that may still complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -130,7 +131,7 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
     whole, at the end)."""
     stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
     if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
-        one = GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 1})
+        one = dataclasses.replace(cfg, num_return_sequences=1)
         yield complete(model, tokenizer, [prompt_ids], one, stop_ids)[0].text
         return
     decoder = Decoder(model, [prompt_ids], cfg, stop_ids)
@@ -184,7 +185,7 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:min(found)], True) if found else (text, False)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """A plain (non-chat) prompt: BOS and the text's tokens, as documents were trained."""
     return [tokenizer.bos_id] + tokenizer.encode(prompt)
 
@@ -203,4 +204,4 @@ def eval_mode(model):
 def generate_text(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
     """The prompt's continuation as text (the trainer's samples)."""
     with eval_mode(model):
-        return "".join(stream(model, tokenizer, prompt_ids(tokenizer, prompt), cfg))
+        return "".join(stream(model, tokenizer, encode_prompt(tokenizer, prompt), cfg))

@@ -262,7 +262,7 @@ def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=Non
     sample_fn = sample_fn or generate_text
     for i, prompt in enumerate(t.sample_prompts):
         cfg = GenerationConfig(max_new_tokens=t.sample_max_new_tokens, temperature=0.8, top_k=50,
-                             repetition_penalty=1.1, seed=t.seed + i)
+                               repetition_penalty=1.1, seed=t.seed + i)
         text = sample_fn(model, tokenizer, prompt, cfg)
         lines.append(f"{prompt}|{text}")
     block = "\n".join(lines)

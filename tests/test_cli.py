@@ -26,7 +26,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 
 @pytest.mark.parametrize("sub", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"],
-                                 ["model", "info"], ["demo"]])
+                                 ["eval"], ["model", "info"], ["demo"]])
 def test_every_subcommand_has_help(sub):
     result = run(sub + ["--help"])
     assert result.returncode == 0 and "usage: babyllama" in result.stdout
@@ -117,8 +117,12 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert prep.returncode == 0, prep.stderr[-2000:]
     assert "train:" in prep.stdout and "val:" in prep.stdout
     train = run(["pretrain", "--preset", "demo-cpu", "--data", data, "-o", out] + TINY_MODEL + TINY_TRAIN
-                + ["train.max_steps=40", "train.sample_every=40", "train.sample_prompts=[今天]"])
+                + ["train.max_steps=40", "train.sample_every=40", "train.sample_prompts=[今天]",
+                   f"train.eval_tasks=[{{task: lm, data: {corpus_file}, limit: 20}}]"])
     assert train.returncode == 0, train.stderr[-2000:]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("lm-corpus/ppl" in r and r["step"] == 40 for r in logged)  # train.eval_tasks ran
+    assert (out / "eval" / "lm-corpus.md").exists()
     assert "resolved config" in train.stdout and "num_hidden_layers: 2" in train.stdout
     assert (out / "samples.txt").read_text(encoding="utf-8").startswith("## step 40\n今天|")
     gen = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12"])
@@ -135,3 +139,11 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert_one_line_error(run(["generate", out, "--prompt", "今天" * 80]), "--truncate-left")
     assert_one_line_error(run(["generate", out, "--prompt", "x", "--top-p", "0"]), "top_p must be in")
     assert_one_line_error(run(["generate", tmp_path / "nothing", "--prompt", "x"]), "nothing")
+    ev = run(["eval", out, "--task", "lm", "--data", data, "--stride", "16"])
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "| documents | tokens | loss | perplexity |" in ev.stdout
+    saved = json.loads((out / "eval" / "lm-data.json").read_text(encoding="utf-8"))
+    assert saved["settings"] == {"stride": 16, "context": 64, "split": "val"} and saved["metrics"]["ppl"] > 1
+    assert_one_line_error(run(["eval", out, "--task", "lm", "--data", tmp_path / "absent.txt"]), "absent.txt")
+    assert_one_line_error(run(["eval", out, "--task", "generation", "--data", corpus_file, "--top-k", "-1"]),
+                          "top_k")

@@ -288,6 +288,50 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
 
 
+def eval_options(args, chat: bool):
+    """The task's options from the command line (validated before the model loads)."""
+    from babyllama.eval.tasks import task_options
+
+    spec: dict = {"task": args.task, "data": args.data, "limit": args.limit, "chat": chat}
+    if args.batch_size is not None:
+        spec["batch_size"] = args.batch_size
+    if args.task == "lm":
+        spec.update(text_field=args.text_field, split=args.split or "val", stride=args.stride)
+        del spec["chat"]
+    elif args.task == "choice":
+        spec.update(split=args.split, shots=args.shots, subjects=args.subject or None,
+                    shots_file=args.shots_file)
+    else:
+        settings = {k: v for k, v in sampling_kwargs(args).items() if v is not None}
+        spec["generation"] = settings
+        if args.task == "rouge":
+            spec.update(level=args.rouge_level, source_field=args.source_field,
+                        target_field=args.target_field)
+            if args.template:
+                spec["template"] = args.template.replace("\\n", "\n")
+        else:
+            spec.update(prompt_field=args.prompt_field)
+    return task_options(spec, source="command line")
+
+
+def cmd_eval(args) -> None:
+    from babyllama.eval.prompting import run_uses_chat
+    from babyllama.eval.report import write_result
+    from babyllama.eval.tasks import run_task
+    from babyllama.llm import load
+
+    if not Path(args.run).exists():
+        raise UserError(f"{args.run}: no such run directory")
+    chat = run_uses_chat(args.run) if args.chat is None else args.chat
+    task, options = eval_options(args, chat)
+    llm = load(args.run, device=args.device)
+    result = run_task(task, llm.model, llm.tokenizer, options)
+    path = write_result(result, args.run, args.name)
+    print(result.table())
+    print(f"-> {path} (numbers: {path.with_suffix('.json').name}"
+          + (f", every example: {path.stem}.examples.jsonl)" if result.examples else ")"))
+
+
 def cmd_merge_lora(args) -> None:
     from babyllama.config import read_run_config, save_config
     from babyllama.llm import load_model
@@ -431,6 +475,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "last is active; switch with /adapter NAME")
     add_sampling_args(ch, **CHAT_DEFAULTS)
     ch.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="score a run: lm (perplexity, bits/char), rouge, choice "
+                                     "(C-Eval/CMMLU), generation (distinct-n, loop rate)",
+                        description="Evaluate a run directory (base, SFT or LoRA) on one task; the "
+                                    "table is printed and written to RUN/eval/NAME.md and .json.")
+    ev.add_argument("run", help="a run directory (or a transformers Llama directory)")
+    ev.add_argument("--task", required=True, choices=["lm", "rouge", "choice", "generation"])
+    ev.add_argument("--data", required=True,
+                    help="lm: text/jsonl/folder or a prepared dataset; rouge: tsv/csv/jsonl/LCSTS; "
+                         "choice: a C-Eval/CMMLU folder or jsonl; generation: prompts (txt/jsonl)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="quick run: first N documents / examples / prompts (choice: per subject)")
+    ev.add_argument("--batch-size", type=int, default=None, help="prompts or rows per batch "
+                                                                  "(default: the task's)")
+    ev.add_argument("--name", help="result file name under RUN/eval/ (default: TASK-DATANAME)")
+    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompt through the chat template (default: yes for SFT runs)")
+    ev.add_argument("--split", help="lm: split of a prepared dataset (val); choice: test/val/dev "
+                                    "(default: test when it has answers, else val)")
+    ev.add_argument("--text-field", default="text", help="lm: field holding the text in jsonl/csv")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="lm: new tokens per window for long documents (default: the context)")
+    ev.add_argument("--shots", type=int, default=0, help="choice: examples from the dev split")
+    ev.add_argument("--subject", action="append", help="choice: only this subject (repeatable)")
+    ev.add_argument("--shots-file", help="choice: examples for a jsonl exam")
+    ev.add_argument("--template", help="rouge: the prompt, with {text} where the source goes")
+    ev.add_argument("--rouge-level", default="char", choices=["char", "word"],
+                    help="rouge: characters, or jieba words")
+    ev.add_argument("--source-field", help="rouge: field/column of the text to summarize")
+    ev.add_argument("--target-field", help="rouge: field/column of the reference summary")
+    ev.add_argument("--prompt-field", default="prompt", help="generation: field holding the prompt")
+    add_sampling_args(ev, max_new_tokens=None, temperature=0.0)
+    ev.set_defaults(func=cmd_eval)
 
     ml = sub.add_parser("merge-lora", help="fold a LoRA run's adapter into its base: a plain run directory")
     ml.add_argument("run", help="a run directory trained with --lora or --qlora")

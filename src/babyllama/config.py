@@ -53,6 +53,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200           # 0 disables periodic evaluation (the final one still runs)
     eval_batches: int = 20
+    # Evaluation tasks run at each evaluation (main process), as `babyllama eval` runs them:
+    # e.g. [{task: choice, data: path/to/cmmlu, limit: 5}, {task: generation, data: prompts.txt}]
+    eval_tasks: list[dict] = field(default_factory=list)
     sample_every: int = 500         # 0 disables periodic samples (the final one still runs)
     sample_prompts: list[str] = field(default_factory=lambda: ["中国", "今天天气", "这个手机"])
     sample_max_new_tokens: int = 48
@@ -215,6 +218,9 @@ def _coerce(value, hint, key: str, source: str):
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif hint is dict:
+        if isinstance(value, dict):
+            return value
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             item = args[0] if args else typing.Any

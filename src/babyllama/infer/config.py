@@ -89,3 +89,8 @@ def generation_config(settings: dict) -> GenerationConfig:
     cfg = GenerationConfig(**settings)
     cfg.check()
     return cfg
+
+
+def changed_settings(cfg: GenerationConfig, defaults: GenerationConfig) -> dict:
+    """The settings of `cfg` that differ from `defaults` (what a report needs to name)."""
+    return {f: getattr(cfg, f) for f in FIELDS if getattr(cfg, f) != getattr(defaults, f)}

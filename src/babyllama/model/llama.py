@@ -254,10 +254,29 @@ class Llama(nn.Module):
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
                 last_only: bool = False, position_ids: torch.Tensor | None = None):
         """Logits for every position (or only the last), and the mean cross-entropy if `targets`.
+        Targets equal to -100 are ignored in the loss; the other arguments are those of
+        `hidden_states`."""
+        x = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            # Cross-entropy in fp32: a bf16 log-softmax over tens of thousands of classes is noisy.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      attn_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, hidden), before the LM head. Scoring calls
+        this directly so it can apply the head only where it needs logits: the full
+        (B, T, vocab) tensor is ~2 GB for a 64k vocabulary at batch 16 x 512.
 
         `cache`: decode incrementally; positions continue from `cache.pos`, which advances by T.
         `attn_mask`: boolean (B or 1, 1, T, cache.pos + T), True where attention is allowed; needed
-        for padded batches. Targets equal to -100 are ignored in the loss.
+        for padded batches.
         `position_ids`: (B, T) rotary positions per token, for packed rows where each
         conversation restarts at 0 (with a block-diagonal `attn_mask`); None means
         start, start+1, ... for every row.
@@ -292,16 +311,7 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.pos += T
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # Cross-entropy in fp32: a bf16 log-softmax over tens of thousands of classes is noisy.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        return self.model.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -23,8 +23,11 @@ from tqdm.auto import tqdm
 
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
+from babyllama.eval.report import default_name, write_result
+from babyllama.eval.scoring import target_scores
+from babyllama.eval.tasks import run_task, task_options
 from babyllama.infer.config import GenerationConfig
-from babyllama.infer.generate import generate_text
+from babyllama.infer.generate import eval_mode, generate_text
 from babyllama.train.checkpoint import find_resume_dir, load_resume, publish_weights, save_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum
 from babyllama.train.metrics import MetricsLog, plot_loss
@@ -93,9 +96,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -> dict:
-    """Loss, perplexity, next-token accuracy and bits per character/byte on the eval set.
-
-    Batches are split across ranks and the sums reduced, so DDP evaluates each window once.
+    """Loss, perplexity, next-token accuracy and bits per character/byte on the eval set, by
+    the scoring `babyllama eval --task lm` uses. Batches are split across ranks and the sums
+    reduced, so DDP evaluates each window once.
     """
     was_training = model.training
     model.eval()
@@ -105,14 +108,10 @@ def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -
             continue
         x, y = x.to(device), y.to(device)
         with autocast_context(precision, device):
-            logits, _ = model(x)
-        logits = logits.float()
-        mask = y != -100
-        nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
-        sums[0] += nll.double()
-        sums[1] += mask.sum()
-        sums[2] += ((logits.argmax(-1) == y) & mask).sum()
+            nats, n, correct = target_scores(model, x, y)
+        sums[0] += nats.sum()
+        sums[1] += n.sum()
+        sums[2] += correct.sum()
     all_reduce_sum(sums, info)
     model.train(was_training)
     nats, n, correct = sums.tolist()
@@ -153,6 +152,10 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             raise UserError(f"{run_dir}: nothing to resume (no resume/ state); start without --resume")
         state = load_resume(resume_dir, model, optimizer, scaler)
         start_step, tokens_seen = state["step"], state["tokens"]
+
+    # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
+    tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage == "sft", progress=False)
+             for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
 
     forward_model = ddp_model = model
     if info.enabled:
@@ -232,7 +235,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         bar.update(1)
 
         final = done == t.max_steps
-        if eval_set is not None and (final or (t.eval_every and done % t.eval_every == 0)):
+        at_eval = final or (t.eval_every and done % t.eval_every == 0)
+        if eval_set is not None and at_eval:
             result = evaluate(model, eval_set, device, precision, info)
             if result and metrics:
                 metrics.write({"step": done, "tokens": tokens_seen, **result})
@@ -240,6 +244,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
                           f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
                 plot_loss(metrics.read(), run_dir / "loss.png", title=run_dir.name)
             last.update(result)
+        if tasks and at_eval:
+            last.update(run_eval_tasks(model, tokenizer, tasks, run_dir, done, tokens_seen, metrics, bar))
         if info.is_main and t.sample_prompts and (final or (t.sample_every and done % t.sample_every == 0)):
             write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar, sample_fn)
         if final or (t.save_every and done % t.save_every == 0):
@@ -255,6 +261,23 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     if metrics:
         plot_loss(metrics.read(), run_dir / "loss.png", title=run_dir.name)
     return last
+
+
+def run_eval_tasks(model, tokenizer, tasks, run_dir: Path, step: int, tokens: int,
+                   metrics: MetricsLog, bar) -> dict:
+    """Run `train.eval_tasks` (main process only: other ranks wait at their next collective);
+    their numbers go to metrics.jsonl as `NAME/metric`, their tables to RUN/eval/."""
+    numbers = {}
+    with eval_mode(model):
+        for name, options in tasks:
+            result = run_task(name, model, tokenizer, options)
+            label = default_name(name, options.data)
+            write_result(result, run_dir, label)
+            numbers.update({f"{label}/{k}": v for k, v in result.metrics.items()
+                            if isinstance(v, (int, float))})
+    metrics.write({"step": step, "tokens": tokens, **numbers})
+    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+    return numbers
 
 
 def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=None) -> None:

@@ -182,6 +182,8 @@ def test_generation_task_reports_loops_of_its_own_answers(pair, tiny_tokenizer, 
     ({"task": "lm", "data": "x", "strid": 4}, "did you mean stride"),
     ({"task": "lm", "data": "x", "stride": 0}, "--stride must be at least 1"),
     ({"task": "generation", "data": "x", "generation": {"top_p": 0}}, "top_p"),
+    ({"task": "choice", "data": "x", "shots": -1}, "--shots must be 0 or more"),
+    ({"task": "rouge", "data": "x", "template": "no slot"}, "--template must contain"),
 ])
 def test_task_settings_are_checked_with_one_clear_line(spec, needle):
     with pytest.raises(UserError, match=needle):

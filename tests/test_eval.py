@@ -152,6 +152,7 @@ def test_distinct_and_rep_count_characters_across_answers():
     ("哈哈哈，真有意思。", None),                  # short laughter is not a loop
     ("今天天气很好，我们去公园散步。", None),
     ("abcabc", None),                               # only two repeats
+    ("1. A A A A A A A", " A"),                     # spaced repeats are a loop too
 ])
 def test_loop_is_a_piece_repeated_back_to_back(text, unit):
     assert find_loop(text, repeats=3, min_chars=12) == unit

@@ -193,7 +193,7 @@ BAD = [
     ("bad.json", '[\n {"text": "t" "summary": "s"}\n]', "bad.json:2: invalid JSON"),
     ("bad.csv", "text,summary\na,b\nc\n", "bad.csv:3: expected 2 comma-separated fields, found 1"),
     ("bad.csv", "text,title\na,b\n", "bad.csv:1: no reference column 'headline'; columns: 'text', 'title'"),
-    ("bad.tsv", b"a\tb\n\xff\xfe\tc\n", "bad.tsv:2: not valid UTF-8"),
+    ("bad.tsv", b"a\tb\n\xff\xfe\tc\n", "bad.tsv:2: not UTF-8 text"),
     ("PART_I.txt", "<summary>\n  标题\n</summary>\n", "PART_I.txt:1: expected <summary>"),
     ("PART_I.txt", "just text\n", "PART_I.txt: no <summary> tag"),
     ("empty.jsonl", "\n\n", "empty.jsonl: no examples"),

@@ -29,6 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from babyllama.data.readers import read_utf8
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import prompt_ids
 from babyllama.eval.report import EvalResult
@@ -129,19 +130,6 @@ def subject_name(subject: str, ceval: bool = False) -> str:
 # Loading
 
 
-def read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return raw.decode("utf-8-sig")  # tolerates the BOM that Excel writes
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where(path, line)}: not UTF-8 text (byte {e.start}); "
-                        "save the file as UTF-8") from None
-
-
 def make_question(at: str, subject: str, question, options: list, answer) -> Question:
     """Validate one record. `answer`: a letter, or a 0-based index (jsonl)."""
     if not isinstance(question, str) or not question.strip():
@@ -186,7 +174,7 @@ def csv_columns(path: Path, header: list[str]) -> tuple[int, int, list[int]]:
 
 
 def read_csv(path: Path, subject: str) -> list[Question]:
-    rows = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows = csv.reader(io.StringIO(read_utf8(path), newline=""))
     try:
         header = next(rows, None)
         if header is None:
@@ -214,7 +202,7 @@ def read_csv(path: Path, subject: str) -> list[Question]:
 
 def read_jsonl(path: Path, subject: str) -> list[Question]:
     questions = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         at = where(path, n)
@@ -259,7 +247,7 @@ def by_subject(questions: list[Question]) -> dict[str, list[Question]]:
 def has_answers(folder: Path) -> bool:
     """Whether a split's first CSV gives an answer for its first question (C-Eval's test split
     has an empty or no answer column)."""
-    rows = csv.reader(io.StringIO(read_text(min(folder.glob("*.csv"))), newline=""))
+    rows = csv.reader(io.StringIO(read_utf8(min(folder.glob("*.csv"))), newline=""))
     names = [h.strip().lower() for h in next(rows, [])]
     row = next(rows, [])
     col = names.index("answer") if "answer" in names else len(row)

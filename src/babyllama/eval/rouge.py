@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from babyllama.data.readers import read_utf8
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
@@ -128,15 +129,6 @@ def example(source, reference, at: str) -> Example:
     return Example(source.strip(), reference.strip(), at)
 
 
-def decoded(path: Path) -> str:
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{where(path, line)}: not valid UTF-8 text") from None
-
-
 def shown(names: list[str]) -> str:
     # A headerless TSV's "names" are data: long abstracts would swamp the message.
     return ", ".join(repr(n if len(n) <= 24 else n[:24] + "...") for n in names)
@@ -183,7 +175,7 @@ def is_header(row: list[str], source_field: str | None, target_field: str | None
 
 def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
     rows = [(i, line.rstrip("\r").split("\t"))
-            for i, line in enumerate(decoded(path).split("\n"), 1) if line.strip()]
+            for i, line in enumerate(read_utf8(path).split("\n"), 1) if line.strip()]
     if not rows:
         return []
     line, first = rows[0]
@@ -218,7 +210,7 @@ def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> 
 
 
 def read_csv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
-    reader = csv.reader(io.StringIO(decoded(path), newline=""))
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
     out, header, si, ti = [], None, 0, 0
     try:
         for row in reader:
@@ -240,7 +232,7 @@ def read_csv(path: Path, source_field: str | None, target_field: str | None) -> 
 
 def jsonl_records(path: Path) -> list[tuple[int, object]]:
     out = []
-    for i, line in enumerate(decoded(path).split("\n"), 1):
+    for i, line in enumerate(read_utf8(path).split("\n"), 1):
         if line.strip():
             try:
                 out.append((i, json.loads(line)))
@@ -250,7 +242,7 @@ def jsonl_records(path: Path) -> list[tuple[int, object]]:
 
 
 def json_records(path: Path) -> list[tuple[int, object]]:
-    text = decoded(path)
+    text = read_utf8(path)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
@@ -325,7 +317,7 @@ def read_summaries(path: str | Path, source_field: str | None = None,
         records = jsonl_records(path) if suffix == ".jsonl" else json_records(path)
         out = read_records(path, records, source_field, target_field)
     elif suffix == ".txt":
-        text = decoded(path)
+        text = read_utf8(path)
         if "<summary>" not in text:
             raise UserError(f"{path}: no <summary> tag: a .txt file is read as LCSTS "
                             "(<summary> / <short_text> blocks)")

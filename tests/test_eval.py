@@ -189,3 +189,17 @@ def test_generation_task_reports_loops_of_its_own_answers(pair, tiny_tokenizer, 
 def test_task_settings_are_checked_with_one_clear_line(spec, needle):
     with pytest.raises(UserError, match=needle):
         task_options(spec)
+
+
+def test_llm_evaluate_runs_the_same_task_as_the_command(pair, tiny_tokenizer, tmp_path):
+    from babyllama.llm import LLM
+
+    model, _ = pair
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(line[:20] for line in corpus_lines(5)) + "\n", encoding="utf-8")
+    llm = LLM(model, tiny_tokenizer, torch.device("cpu"))
+    via_api = llm.evaluate("lm", path, progress=False).metrics
+    direct = run_lm(model, tiny_tokenizer, LMOptions(str(path), progress=False)).metrics
+    assert via_api == direct
+    with pytest.raises(UserError, match="did you mean limit"):
+        llm.evaluate("lm", path, limt=3)

@@ -8,6 +8,7 @@ litgpt-style API).
     for piece in llm.stream("今天", stop=["。"]):
         print(piece, end="")
     llm.chat([{"role": "user", "content": "你好"}])       # a fine-tuned (SFT) run
+    llm.evaluate("choice", "cmmlu/", limit=5).metrics    # see babyllama.eval
 
 `path` is a run directory (config.yaml + model.safetensors + tokenizer/) or a transformers
 Llama directory (config.json + model.safetensors + tokenizer files).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +33,9 @@ from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
 from babyllama.train.distributed import pick_device
+
+if TYPE_CHECKING:
+    from babyllama.eval.report import EvalResult
 
 HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -71,10 +76,12 @@ def load_model(path: Path, config: ModelConfig) -> Llama:
 
 
 class LLM:
-    def __init__(self, model: Llama, tokenizer: Tokenizer, device: torch.device):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, device: torch.device,
+                 path: Path | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
+        self.path = path  # the run directory it was loaded from (None: built in memory)
         self.adapter: str | None = None  # the LoRA adapter in use (None: the model as loaded)
 
     # -- several LoRA adapters on one base, switched by name ---------------------------------
@@ -134,7 +141,7 @@ class LLM:
         dev = pick_device(device)
         model = model.to(dev)
         prepare_for_decoding(model)
-        return cls(model, tokenizer, dev)
+        return cls(model, tokenizer, dev, path)
 
     def generate(self, prompt: str | list[str], **settings) -> str | list[str] | list[list[str]]:
         """The continuation of `prompt`; a list of prompts is generated as one batch and gives a
@@ -171,6 +178,19 @@ class LLM:
         repetition_penalty 1.1)."""
         cfg = generation_config({**CHAT_DEFAULTS, **settings})
         return chat_text(self.model, self.tokenizer, messages, cfg, document=document)
+
+    def evaluate(self, task: str, data: str, **options) -> "EvalResult":
+        """Run an evaluation task ("lm", "rouge", "choice", "generation") on `data`, as
+        `babyllama eval` does; `options` are the task's fields (limit, shots, template, chat,
+        generation={...}, ...). Prompts use the chat template by default for an SFT run.
+        Returns the EvalResult (`.metrics`, `.table()`, `.examples`); nothing is written."""
+        from babyllama.eval.prompting import run_uses_chat
+        from babyllama.eval.tasks import run_task, task_options
+
+        chat = run_uses_chat(self.path) if self.path is not None else False
+        name, opts = task_options({"task": task, "data": str(data), **options}, "evaluate",
+                                  chat=chat)
+        return run_task(name, self.model, self.tokenizer, opts)
 
     def chat_session(self, system: str | None = None, document: str | None = None) -> ChatSession:
         """A multi-turn conversation: `session.send(text, **sampling)` streams each answer."""

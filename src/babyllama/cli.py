@@ -292,12 +292,11 @@ def eval_options(args, chat: bool):
     """The task's options from the command line (validated before the model loads)."""
     from babyllama.eval.tasks import task_options
 
-    spec: dict = {"task": args.task, "data": args.data, "limit": args.limit, "chat": chat}
+    spec: dict = {"task": args.task, "data": args.data, "limit": args.limit}
     if args.batch_size is not None:
         spec["batch_size"] = args.batch_size
     if args.task == "lm":
         spec.update(text_field=args.text_field, split=args.split or "val", stride=args.stride)
-        del spec["chat"]
     elif args.task == "choice":
         spec.update(split=args.split, shots=args.shots, subjects=args.subject or None,
                     shots_file=args.shots_file)
@@ -311,7 +310,7 @@ def eval_options(args, chat: bool):
                 spec["template"] = args.template.replace("\\n", "\n")
         else:
             spec.update(prompt_field=args.prompt_field)
-    return task_options(spec, source="command line")
+    return task_options(spec, "command line", chat=chat)  # (lm has no chat setting)
 
 
 def cmd_eval(args) -> None:
@@ -320,8 +319,6 @@ def cmd_eval(args) -> None:
     from babyllama.eval.tasks import run_task
     from babyllama.llm import load
 
-    if not Path(args.run).exists():
-        raise UserError(f"{args.run}: no such run directory")
     chat = run_uses_chat(args.run) if args.chat is None else args.chat
     task, options = eval_options(args, chat)
     llm = load(args.run, device=args.device)

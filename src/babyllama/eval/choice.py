@@ -34,7 +34,6 @@ from babyllama.errors import UserError, where
 from babyllama.eval.prompting import prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model, score_requests
-from babyllama.infer.generate import eval_mode
 
 LETTERS = "ABCDEFGHIJ"  # 2 to 10 options
 
@@ -484,10 +483,9 @@ def run_choice(model, tokenizer, opts: ChoiceOptions) -> EvalResult:
                         "the one scored, or a shots file")
     context = base_model(model).config.max_position_embeddings
     graded: dict[str, list[Graded]] = {}
-    with eval_mode(model):
-        for s in subjects:
-            graded[s] = grade_subject(model, tokenizer, exam, s, exam.questions[s][:opts.limit],
-                                      opts, context)
+    for s in subjects:
+        graded[s] = grade_subject(model, tokenizer, exam, s, exam.questions[s][:opts.limit],
+                                  opts, context)
     everything = [g for gs in graded.values() for g in gs]
     per_subject = {s: accuracies(gs) for s, gs in graded.items()}
     macro = [sum(a[i] for a in per_subject.values()) / len(per_subject) for i in range(3)]

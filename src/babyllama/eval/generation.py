@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from babyllama.data.readers import iter_documents, require_documents
 from babyllama.errors import UserError
 from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
@@ -95,8 +96,6 @@ def find_loop(text: str, repeats: int = 3, min_chars: int = 12) -> str | None:
 
 def run_generation(model, tokenizer, opts: GenerationOptions) -> EvalResult:
     opts.check()
-    from babyllama.data.readers import iter_documents, require_documents
-
     prompts = list(itertools.islice(
         require_documents(iter_documents(opts.data, text_field=opts.prompt_field), opts.data), opts.limit))
     ids = [prompt_ids(tokenizer, [], p.strip(), chat=opts.chat) for p in prompts]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from babyllama.data.readers import iter_documents, require_documents
+from babyllama.data.shards import TokenShards
 from babyllama.errors import UserError
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import score_requests
@@ -66,8 +68,6 @@ def documents(opts: LMOptions, tokenizer, vocab_size: int) -> Iterator[tuple[lis
     """(token ids with bos/eos, the document's text) for each document of the data."""
     path = Path(opts.data)
     if (path / "meta.json").exists():
-        from babyllama.data.shards import TokenShards
-
         shards = TokenShards(path, opts.split)
         if shards.vocab_size != vocab_size:
             raise UserError(f"{path}: prepared with a tokenizer of {shards.vocab_size} tokens; "
@@ -76,8 +76,6 @@ def documents(opts: LMOptions, tokenizer, vocab_size: int) -> Iterator[tuple[lis
             ids = shards.document(i).tolist()
             yield ids, tokenizer.decode(ids)
         return
-    from babyllama.data.readers import iter_documents, require_documents
-
     for text in require_documents(iter_documents(opts.data, text_field=opts.text_field), opts.data):
         yield [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id], text
 

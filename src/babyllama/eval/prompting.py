@@ -8,12 +8,13 @@ few-shot examples), ending with the assistant's generation prompt.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from babyllama.infer.config import GenerationConfig
-from babyllama.infer.generate import Completion, complete, encode_prompt, end_ids
+from babyllama.infer.generate import Completion, complete, encode_prompt, end_ids, eval_mode
 from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 
 
@@ -52,15 +53,16 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: Generation
     """One completion per prompt (cfg.num_return_sequences is ignored), `batch_size` prompts
     per engine batch. A chat answer ends at the template's end-of-turn tokens."""
     stops = stop_token_ids(tokenizer) if chat else end_ids(tokenizer)
-    cfg = GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 1})
+    cfg = dataclasses.replace(cfg, num_return_sequences=1)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
     # Similar lengths together: less left padding per batch; results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     done: dict[int, Completion] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        for i, c in zip(idx, complete(model, tokenizer, [prompts[i] for i in idx], cfg, stops)):
-            done[i] = c
-        bar.update(len(idx))
+    with eval_mode(model):  # dropout off whatever mode the caller left the model in
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, c in zip(idx, complete(model, tokenizer, [prompts[i] for i in idx], cfg, stops)):
+                done[i] = c
+            bar.update(len(idx))
     bar.close()
     return [done[i] for i in range(len(prompts))]

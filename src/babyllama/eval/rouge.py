@@ -34,7 +34,6 @@ from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model
 from babyllama.infer.config import GenerationConfig, changed_settings
-from babyllama.infer.generate import eval_mode
 
 LEVELS = ("char", "word")
 DEFAULT_TEMPLATE = "{text}\n摘要："
@@ -407,10 +406,9 @@ def run_rouge(model, tokenizer, opts: RougeOptions) -> EvalResult:
                         f"{cfg.max_new_tokens} it does not fit the model's context ({context})")
     fitted = [fit_prompt(tokenizer, opts.template, ex.source, chat=opts.chat, budget=budget)
               for ex in examples]
-    with eval_mode(model):
-        answers = generate_answers(model, tokenizer, [ids for ids, _ in fitted], cfg,
-                                   chat=opts.chat, batch_size=opts.batch_size, desc="rouge",
-                                   progress=opts.progress)
+    answers = generate_answers(model, tokenizer, [ids for ids, _ in fitted], cfg,
+                               chat=opts.chat, batch_size=opts.batch_size, desc="rouge",
+                               progress=opts.progress)
 
     records, scores, lengths = [], [], []
     for ex, answer, (_, shortened) in zip(examples, answers, fitted):

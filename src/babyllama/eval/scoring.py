@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from babyllama.errors import UserError
+from babyllama.infer.generate import eval_mode
 
 # Logits materialised at once: 2**25 floats = 128 MB (512 positions of a 64k vocabulary).
 HEAD_CHUNK_ELEMENTS = 1 << 25
@@ -111,32 +112,33 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         by_row.setdefault(row, []).append(i)
     results: list[Scored | None] = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="req", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        batch_rows = order[start:start + batch_size]
-        width = len(keys[batch_rows[0]])
-        # Right padding: causal attention keeps pads from influencing the real positions.
-        x = torch.zeros(len(batch_rows), width, dtype=torch.long)
-        rows, positions, targets, owners = [], [], [], []
-        for b, r in enumerate(batch_rows):
-            x[b, :len(keys[r])] = torch.tensor(keys[r])
-            for i in by_row[r]:
-                _, first, cont, _ = items[i]
-                rows += [b] * len(cont)
-                positions += range(first, first + len(cont))
-                targets += cont
-                owners += [i] * len(cont)
-        logp, hit = gathered_scores(model, x.to(device), torch.tensor(rows, device=device),
-                                    torch.tensor(positions, device=device),
-                                    torch.tensor(targets, device=device))
-        logp, hit = logp.double().cpu().tolist(), hit.cpu().tolist()
-        sums: dict[int, list] = {}
-        for owner, lp, h in zip(owners, logp, hit):
-            s = sums.setdefault(owner, [0.0, 0])
-            s[0] += lp
-            s[1] += int(h)
-        for owner, (lp, correct) in sums.items():
-            n = len(items[owner][2])
-            results[owner] = Scored(lp, n, correct == n, correct, items[owner][3])
-        bar.update(len(sums))
+    # Dropout off whatever mode the caller left the model in (evaluation mid-training).
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            batch_rows = order[start:start + batch_size]
+            width = len(keys[batch_rows[0]])
+            # Right padding: causal attention keeps pads from influencing the real positions.
+            x = torch.zeros(len(batch_rows), width, dtype=torch.long)
+            rows, positions, targets, owners = [], [], [], []
+            for b, r in enumerate(batch_rows):
+                x[b, :len(keys[r])] = torch.tensor(keys[r])
+                for i in by_row[r]:
+                    _, first, cont, _ = items[i]
+                    rows += [b] * len(cont)
+                    positions += range(first, first + len(cont))
+                    targets += cont
+                    owners.append(i)
+            logp, hit = gathered_scores(model, x.to(device), torch.tensor(rows, device=device),
+                                        torch.tensor(positions, device=device),
+                                        torch.tensor(targets, device=device))
+            # Each request's tokens are consecutive: sum them per request in one pass.
+            segment = torch.repeat_interleave(torch.arange(len(owners)),
+                                              torch.tensor([len(items[i][2]) for i in owners]))
+            sums = torch.zeros(len(owners), dtype=torch.float64).index_add_(0, segment, logp.double().cpu())
+            hits = torch.zeros(len(owners), dtype=torch.long).index_add_(0, segment, hit.long().cpu())
+            for i, lp, correct in zip(owners, sums.tolist(), hits.tolist()):
+                n = len(items[i][2])
+                results[i] = Scored(lp, n, correct == n, correct, items[i][3])
+            bar.update(len(owners))
     bar.close()
     return results  # type: ignore[return-value]

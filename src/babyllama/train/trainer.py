@@ -27,7 +27,7 @@ from babyllama.eval.report import default_name, write_result
 from babyllama.eval.scoring import target_scores
 from babyllama.eval.tasks import run_task, task_options
 from babyllama.infer.config import GenerationConfig
-from babyllama.infer.generate import eval_mode, generate_text
+from babyllama.infer.generate import generate_text
 from babyllama.train.checkpoint import find_resume_dir, load_resume, publish_weights, save_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum
 from babyllama.train.metrics import MetricsLog, plot_loss
@@ -268,13 +268,12 @@ def run_eval_tasks(model, tokenizer, tasks, run_dir: Path, step: int, tokens: in
     """Run `train.eval_tasks` (main process only: other ranks wait at their next collective);
     their numbers go to metrics.jsonl as `NAME/metric`, their tables to RUN/eval/."""
     numbers = {}
-    with eval_mode(model):
-        for name, options in tasks:
-            result = run_task(name, model, tokenizer, options)
-            label = default_name(name, options.data)
-            write_result(result, run_dir, label)
-            numbers.update({f"{label}/{k}": v for k, v in result.metrics.items()
-                            if isinstance(v, (int, float))})
+    for name, options in tasks:  # the scoring and generation primitives switch dropout off
+        result = run_task(name, model, tokenizer, options)
+        label = default_name(name, options.data)
+        write_result(result, run_dir, label)
+        numbers.update({f"{label}/{k}": v for k, v in result.metrics.items()
+                        if isinstance(v, (int, float))})
     metrics.write({"step": step, "tokens": tokens, **numbers})
     bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
     return numbers

@@ -351,6 +351,26 @@ def cmd_merge_lora(args) -> None:
     print(f"merged {run} into its base {cfg.sft.base} -> {out} (model.safetensors, tokenizer/, config.yaml)")
 
 
+def cmd_export(args) -> None:
+    from babyllama.export import check_export_options, export_run
+
+    check_export_options(args.format, args.dtype)  # before the model loads
+    result = export_run(args.run, args.format, args.out, dtype=args.dtype, merge=args.merge)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    names = ", ".join(f.name for f in result.files)
+    print(f"exported {args.run} as {args.format} -> {result.path} ({names}; "
+          f"{result.size / 2**20:.1f} MiB)")
+
+
+def cmd_import(args) -> None:
+    from babyllama.export.hf import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"imported {args.src} -> {out} (config.yaml, model.safetensors, tokenizer/): "
+          f"`babyllama generate {out}`, `babyllama sft` with sft.base={out}")
+
+
 def cmd_model_info(args) -> None:
     from babyllama.config import load_config, read_run_config
     from babyllama.model.llama import Llama
@@ -510,6 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("run", help="a run directory trained with --lora or --qlora")
     ml.add_argument("-o", "--out", required=True, help="the merged run directory")
     ml.set_defaults(func=cmd_merge_lora)
+
+    ex = sub.add_parser("export", help="write a run for transformers (hf), llama.cpp (gguf) or onnxruntime (onnx)")
+    ex.add_argument("run", help="a run directory (or a transformers directory)")
+    ex.add_argument("--format", "-f", required=True, help="hf | gguf | onnx")
+    ex.add_argument("-o", "--out", required=True,
+                    help="the directory to write (hf, onnx); for gguf a .gguf file or a directory")
+    ex.add_argument("--dtype", help="weights: hf f32|f16|bf16 (default f32); gguf f16|f32|q8_0 "
+                                    "(default f16); onnx f32")
+    ex.add_argument("--merge", action="store_true",
+                    help="a LoRA run: fold the adapter into its base while exporting")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a transformers Llama directory -> a run directory")
+    im.add_argument("src", help="a directory with config.json, model.safetensors and tokenizer files")
+    im.add_argument("-o", "--out", required=True, help="the run directory to write")
+    im.set_defaults(func=cmd_import)
 
     mo = sub.add_parser("model", help="inspect model presets").add_subparsers(dest="model_command",
                                                                               required=True, metavar="ACTION")

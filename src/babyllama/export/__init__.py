@@ -1,0 +1,81 @@
+"""Export a run to the formats other tools open, and import transformers checkpoints.
+
+    hf    transformers directory: config.json, model.safetensors, tokenizer files   (hf.py)
+    gguf  one .gguf file for llama.cpp: f32, f16 or q8_0 tensors, tokenizer inside  (gguf.py)
+    onnx  model.onnx (logits, past key/values in and out) + tokenizer files          (onnx.py)
+
+Each is proven to give our model's outputs by a test against the tool that reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from babyllama.errors import UserError
+
+# Weight types per format; the first is the default.
+DTYPES: dict[str, tuple[str, ...]] = {
+    "hf": ("f32", "f16", "bf16"),
+    "gguf": ("f16", "f32", "q8_0"),
+    "onnx": ("f32",),
+}
+
+
+@dataclass
+class Exported:
+    path: Path                 # the directory (hf, onnx) or file (gguf) written
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files if f.is_file())
+
+
+def check_export_options(fmt: str, dtype: str | None) -> str:
+    """The dtype to use; unknown formats and types are refused before any model loads."""
+    if fmt not in DTYPES:
+        raise UserError(f"--format {fmt}: unknown, choose one of {', '.join(DTYPES)}")
+    dtype = dtype or DTYPES[fmt][0]
+    if dtype not in DTYPES[fmt]:
+        raise UserError(f"--dtype {dtype}: the {fmt} format takes {', '.join(DTYPES[fmt])}")
+    return dtype
+
+
+def gguf_path(out: Path, run: Path, dtype: str) -> Path:
+    """`-o` names the file (ending .gguf) or a directory to put RUN-DTYPE.gguf in."""
+    return out if out.suffix == ".gguf" else out / f"{run.resolve().name}-{dtype}.gguf"
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = None,
+               merge: bool = False) -> Exported:
+    """Write the run (or transformers directory) `run` in format `fmt` to `out`."""
+    from babyllama.export.source import load_export_source
+
+    dtype = check_export_options(fmt, dtype)
+    run, out = Path(run), Path(out)
+    src = load_export_source(run, merge=merge)
+    if fmt == "hf":
+        from babyllama.export.hf import write_hf
+
+        warnings = write_hf(src.model, src.tokenizer, out, dtype=dtype, chat=src.chat)
+        return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)
+    if fmt == "gguf":
+        from babyllama.export.gguf import write_gguf
+
+        path = gguf_path(out, run, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = write_gguf(src.model, src.tokenizer, path, dtype=dtype,
+                            name=run.resolve().name, chat=src.chat)
+        return Exported(path, [path], list(result.warnings))
+    from babyllama.export.hf import generation_defaults, hf_config, write_json, write_tokenizer_files
+    from babyllama.export.onnx import write_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_onnx(src.model, out / "model.onnx")
+    # Next to the graph, the files that say how to feed it: sizes, tokenizer, stop tokens.
+    write_json(out / "config.json", hf_config(src.model.config, src.tokenizer))
+    write_json(out / "generation_config.json", generation_defaults(src.tokenizer, src.chat))
+    warnings = write_tokenizer_files(src.tokenizer, out, src.model.config.max_position_embeddings)
+    return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)

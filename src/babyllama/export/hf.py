@@ -1,0 +1,357 @@
+"""transformers format, both ways.
+
+Export writes what `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+open with no custom code: `config.json` (LlamaForCausalLM), `model.safetensors` (our state
+dict already uses transformers' names and RoPE layout, so the weights are copied as they are),
+`generation_config.json`, and the tokenizer as a fast `tokenizer.json` with a
+`tokenizer_config.json` holding the special tokens and the chat template.
+
+A SentencePiece tokenizer (Chinese-LLaMA, ChatGLM) is converted to a `tokenizers` BPE (or
+Unigram) model here, reading the SentencePiece proto: merges are the pairs whose join is a
+piece, ranked by that piece's score (how SentencePiece's BPE picks the next merge), byte
+fallback kept, and the proto's normalizer settings turned into `tokenizers` normalizers. The
+original `tokenizer.model` is copied too. tests/test_export_hf.py checks the fast tokenizer
+gives SentencePiece's ids on real text.
+
+Import reads any transformers Llama directory (safetensors, sharded or not, or
+pytorch_model.bin; any dtype; GQA; tied or untied head) into a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from babyllama.atomic import atomic_write_bytes, atomic_write_text
+from babyllama.errors import UserError
+from babyllama.model.llama import Llama, ModelConfig
+from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE
+
+HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Model
+
+
+def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for transformers' LlamaForCausalLM. `rope_theta` is written both at the top
+    level (transformers 4.x) and in `rope_parameters` (5.x)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rms_norm_eps": config.rms_norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": _TORCH_DTYPE_NAMES[dtype],
+        "dtype": _TORCH_DTYPE_NAMES[dtype],
+    }
+
+
+def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
+    """generation_config.json: our own defaults, so `model.generate(**inputs)` samples as
+    `babyllama generate` (or `chat`, for an SFT run) does."""
+    from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig
+    from babyllama.tokenizer.chat_template import stop_token_ids
+
+    base = GenerationConfig()
+    settings = {"max_new_tokens": base.max_new_tokens, "temperature": base.temperature,
+                "top_k": base.top_k, "top_p": base.top_p, "repetition_penalty": base.repetition_penalty}
+    if chat:
+        settings.update(CHAT_DEFAULTS)
+    eos = list(stop_token_ids(tokenizer)) if chat else [tokenizer.eos_id]
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": tokenizer.pad_id, "do_sample": settings["temperature"] > 0, **settings}
+
+
+def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "f32",
+             chat: bool = False) -> list[str]:
+    """The transformers directory `out` for `model` and `tokenizer` (weights in `dtype`).
+    Returns warnings worth a line each (see `write_tokenizer_files`)."""
+    from babyllama.train.checkpoint import model_state
+    from safetensors.torch import save_file
+
+    if dtype not in HF_DTYPES:
+        raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the model has {model.config.vocab_size} token embeddings but the "
+                        f"tokenizer {tokenizer.vocab_size} tokens")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = HF_DTYPES[dtype]
+    state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model_state(model).items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    write_json(out / "config.json", hf_config(model.config, tokenizer, torch_dtype))
+    write_json(out / "generation_config.json", generation_defaults(tokenizer, chat))
+    return write_tokenizer_files(tokenizer, out, model.config.max_position_embeddings)
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _sentencepiece_proto(tokenizer: Tokenizer):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.backend.serialized_model_proto())
+    return proto
+
+
+def _bpe_merges(pieces: list[tuple[str, float]], skip: set[str]) -> list[tuple[str, str]]:
+    """SentencePiece BPE keeps no merge list: at each step it joins the adjacent pair whose
+    joined piece has the highest score. A `tokenizers` BPE joins the pair with the lowest
+    merge rank, so every split of every piece into two pieces becomes a merge ranked by the
+    joined piece's score (ties: the vocabulary's order, as transformers' converter does)."""
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    merges = []
+    for piece, score in pieces:
+        if piece in skip:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab and left not in skip and right not in skip:
+                merges.append((-score, vocab[piece], vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(m[4], m[5]) for m in merges]
+
+
+def sentencepiece_to_tokenizers(tokenizer: Tokenizer):
+    """A `tokenizers.Tokenizer` giving the SentencePiece tokenizer's ids, specials included."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE, Unigram
+
+    proto = _sentencepiece_proto(tokenizer)
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    # Types 2-6 (unknown, control, user-defined, unused, byte) never come out of merging.
+    skip = {p.piece for p in proto.pieces if p.type != 1}
+    unk = trainer.unk_piece if 0 <= trainer.unk_id < len(pieces) else None
+    if trainer.model_type == 2:
+        tk = HFTokenizer(BPE({p: i for i, (p, _) in enumerate(pieces)}, _bpe_merges(pieces, skip),
+                             unk_token=unk, fuse_unk=True, byte_fallback=trainer.byte_fallback))
+    elif trainer.model_type == 1:
+        tk = HFTokenizer(Unigram(pieces, unk_id=trainer.unk_id if unk else None,
+                                 byte_fallback=trainer.byte_fallback))
+    else:
+        raise UserError(f"SentencePiece model type {trainer.model_type} (not BPE or unigram) "
+                        "has no transformers fast tokenizer")
+    # SentencePiece's own order: charsmap normalization, whitespace cleanup, the dummy "▁"
+    # prefix, then spaces escaped to "▁". `tokenizers` applies the normalizer to each piece of
+    # text between special tokens separately, as our SentencePiece backend encodes them.
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tk.normalizer = normalizers.Sequence(steps)
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+    # User-defined pieces are matched whole before the model runs, as SentencePiece does.
+    tk.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                   for p in proto.pieces if p.type == 4])
+    specials = sorted(((i, t) for t, i in _special_ids(tokenizer).items()))
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for _, t in specials])
+    for i, t in specials:
+        if tk.token_to_id(t) != i:  # appended specials must land on the same ids
+            raise UserError(f"special token {t!r}: id {tk.token_to_id(t)} after conversion, "
+                            f"{i} in the tokenizer")
+    return tk
+
+
+def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Every special token string -> id: the roles' tokens and any other added special."""
+    ids = {t: tokenizer.token_to_id(t) for t in tokenizer.special_tokens.values()}
+    return {t: i for t, i in ids.items() if i is not None}
+
+
+def fast_tokenizer(tokenizer: Tokenizer):
+    """The `tokenizers.Tokenizer` to write as tokenizer.json. It puts BOS in front of every
+    encoded text (as Llama's does): documents were trained as [bos] + text, and
+    `apply_chat_template` tokenizes without adding it again."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    if tokenizer.kind == "sentencepiece":
+        tk = sentencepiece_to_tokenizers(tokenizer)
+    else:
+        tk = HFTokenizer.from_str(tokenizer.backend.to_str())
+    bos = tokenizer.special_tokens["bos"]
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tokenizer.bos_id)])
+    return tk
+
+
+def tied_merge_scores(tokenizer: Tokenizer) -> int:
+    """How many mergeable pieces of a SentencePiece BPE share their score with another.
+
+    SentencePiece breaks a tie between two candidate merges by position (leftmost first); a
+    fast BPE ranks every merge strictly, so with ties no merge order reproduces SentencePiece
+    everywhere. Chinese-LLaMA-2 added ~25k pieces all scored 0: transformers' own conversion
+    splits 80% of our zhwiki paragraphs differently from SentencePiece somewhere, ours ~50%.
+    ChatGLM2 and Llama have distinct scores, and the conversion is exact."""
+    if tokenizer.kind != "sentencepiece":
+        return 0
+    proto = _sentencepiece_proto(tokenizer)
+    if proto.trainer_spec.model_type != 2:
+        return 0
+    scores = Counter(p.score for p in proto.pieces if p.type == 1 and len(p.piece) > 1)
+    return sum(n for n in scores.values() if n > 1)
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> list[str]:
+    """tokenizer.json + tokenizer_config.json (+ tokenizer.model for SentencePiece), loadable
+    by `AutoTokenizer.from_pretrained(out)` and by `babyllama.load(out)`. Returns a warning
+    when the fast tokenizer cannot match SentencePiece exactly."""
+    warnings = []
+    if tied := tied_merge_scores(tokenizer):
+        warnings.append(f"{tied} pieces of this SentencePiece model share a score with another; "
+                        "transformers' fast tokenizer (tokenizer.json) may split some text "
+                        "differently than SentencePiece (babyllama and llama.cpp follow "
+                        "SentencePiece; tokenizer.model is included)")
+    tk = fast_tokenizer(tokenizer)
+    atomic_write_bytes(out / HF_FILE, tk.to_str(pretty=True).encode("utf-8"))
+    if tokenizer.kind == "sentencepiece":
+        atomic_write_bytes(out / SP_FILE, tokenizer.backend.serialized_model_proto())
+    added = {str(i): {"content": t.content, "special": t.special, "normalized": t.normalized,
+                      "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word}
+             for i, t in sorted(tk.get_added_tokens_decoder().items())}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{r}_token": tokenizer.special_tokens.get(r) for r in ("bos", "eos", "pad", "unk")},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "added_tokens_decoder": added,
+        "chat_template": tokenizer.chat_template,
+        # Read back by babyllama.load: which role each special token plays (transformers
+        # ignores keys it does not know).
+        "special_tokens": dict(tokenizer.special_tokens),
+    }
+    if config["unk_token"] is None or tokenizer.unk_id is None:
+        del config["unk_token"]
+    if tokenizer.chat_template is None:
+        del config["chat_template"]
+    write_json(out / CONFIG_FILE, config)
+    return warnings
+
+
+# ----------------------------------------------------------------------------------------
+# Import
+
+
+def _hf_state(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = src / "model.safetensors.index.json"
+    try:
+        if (src / "model.safetensors").exists():
+            return load_file(str(src / "model.safetensors"))
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_file(str(src / shard)))
+            return state
+        if (src / "pytorch_model.bin").exists():
+            # weights_only: tensors and plain containers, never arbitrary pickled objects.
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise their own types for corrupt files
+        raise UserError(f"{src}: cannot read the weights ({str(e).splitlines()[0]})") from None
+    raise UserError(f"{src}: no model.safetensors, model.safetensors.index.json or "
+                    "pytorch_model.bin")
+
+
+def _check_llama_config(path: Path) -> None:
+    """What our model cannot represent, refused by name instead of loading wrong numbers."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable config.json ({str(e).splitlines()[0]})") from None
+    problems = []
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {d['hidden_act']!r} (ours is silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            problems.append(f"{key} true (our projections have no bias)")
+    heads = d.get("num_attention_heads") or 1
+    if d.get("head_dim") not in (None, d.get("hidden_size", 0) // heads):
+        problems.append(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads")
+    if problems:
+        raise UserError(f"{path}: cannot import: " + "; ".join(problems))
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """A run directory (config.yaml, model.safetensors in fp32, tokenizer/) from the
+    transformers Llama directory `src`; `babyllama sft`, `eval`, `chat` and `export` take it."""
+    from babyllama.config import RunConfig, save_config
+    from babyllama.llm import model_config_from_hf
+    from babyllama.train.checkpoint import save_weights
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src}: not a transformers directory (no config.json)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; choose another -o")
+    _check_llama_config(src / "config.json")
+    config = model_config_from_hf(src / "config.json")
+    problems = config.problems()
+    if problems:
+        raise UserError(f"{src / 'config.json'}: " + "; ".join(problems))
+    tokenizer = Tokenizer.load(src)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"only {config.vocab_size} embeddings")
+    model = Llama(config)
+    state = {k: v.float() for k, v in _hf_state(src).items()
+             if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved the RoPE buffer
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise UserError(f"{src}: weights do not match a Llama of this config "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, strict=False)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors")
+    tokenizer.save(out / "tokenizer")
+    run = RunConfig(model=config, out_dir=str(out), preset=f"imported from {src}")
+    save_config(run, out / "config.yaml")
+    return out

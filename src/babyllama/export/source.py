@@ -1,0 +1,55 @@
+"""What every export format starts from: a run's model (fp32, CPU, plain row-major weights)
+and its tokenizer, with a LoRA run refused unless the user asked to merge it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from babyllama.errors import UserError
+from babyllama.model.llama import Llama
+from babyllama.tokenizer import Tokenizer
+
+
+@dataclass
+class ExportSource:
+    model: Llama              # eval mode, fp32, CPU, contiguous weights
+    tokenizer: Tokenizer
+    path: Path                # the run (or transformers) directory it came from
+    chat: bool                # an SFT run: chat prompts are its normal input
+
+
+def is_adapter_run(path: Path) -> bool:
+    return (path / "adapter_model.safetensors").exists() and not (path / "model.safetensors").exists()
+
+
+def load_export_source(path: str | Path, merge: bool = False) -> ExportSource:
+    """The run at `path` ready to export. A LoRA run holds only its adapter: the file the
+    other tools open must hold the merged weights, so exporting one needs `merge=True`
+    (merged in memory here) or a `babyllama merge-lora` run first."""
+    from babyllama.config import read_run_config
+    from babyllama.eval.prompting import run_uses_chat
+    from babyllama.llm import load_model, model_config_from_hf
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    if is_adapter_run(path) and not merge:
+        raise UserError(f"{path}: a LoRA run (adapter only); add --merge to fold the adapter into "
+                        f"its base while exporting, or run `babyllama merge-lora {path} -o "
+                        f"{path}-merged` and export that")
+    if (path / "config.yaml").exists():
+        config = read_run_config(path).model
+    elif (path / "config.json").exists():
+        config = model_config_from_hf(path / "config.json")
+    else:
+        raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
+                        "directory (no config.json)")
+    tokenizer = Tokenizer.load(path / "tokenizer" if (path / "tokenizer").exists() else path)
+    model = load_model(path, config).float().eval()
+    with torch.no_grad():  # merged or loaded weights may be views; files need plain layout
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+    return ExportSource(model, tokenizer, path, run_uses_chat(path))

@@ -26,7 +26,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 
 @pytest.mark.parametrize("sub", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"],
-                                 ["eval"], ["model", "info"], ["demo"]])
+                                 ["eval"], ["export"], ["import"], ["model", "info"],
+                                 ["demo"]])
 def test_every_subcommand_has_help(sub):
     result = run(sub + ["--help"])
     assert result.returncode == 0 and "usage: babyllama" in result.stdout

@@ -120,6 +120,8 @@ def test_sentencepiece_with_tied_scores_is_exported_with_a_warning(tmp_path):
     tok = Tokenizer.load(SHARED_DATA / "tokenizers" / "chinese-llama2")
     warnings = write_tokenizer_files(tok, tmp_path, 512)
     assert len(warnings) == 1 and "share a score" in warnings[0]
+    again = Tokenizer.load(tmp_path)  # babyllama itself keeps using SentencePiece
+    assert again.kind == "sentencepiece" and again.special_token_ids == tok.special_token_ids
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     texts = real_texts(200)
     same = sum(hf_ids(hf_tok, t) == tok.encode(t) for t in texts)

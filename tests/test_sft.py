@@ -248,6 +248,17 @@ def test_lora_run_keeps_only_the_adapter_and_loads_merged(base_run, tmp_path):
         torch.testing.assert_close(load(merged, device="cpu").model(x)[0], expected, atol=1e-5, rtol=1e-5)
     assert run_cli("chat", str(run), "--prompt", "你好", "--max-new-tokens", "4").returncode == 0
 
+    # Export needs the merged weights: refused with the way out, then done with --merge.
+    refused = run_cli("export", str(run), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert refused.returncode == 2 and "--merge" in refused.stderr and "merge-lora" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    exported = run_cli("export", str(run), "--format", "hf", "-o", str(tmp_path / "hf"), "--merge")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, expected, atol=1e-5, rtol=1e-5)
+
 
 def test_lora_bad_input_is_one_line(base_run, tmp_path):
     data = write_jsonl(tmp_path / "ok.jsonl", greeting_conversations(4))

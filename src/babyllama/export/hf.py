@@ -119,7 +119,11 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
 
 
 def _sentencepiece_proto(tokenizer: Tokenizer):
-    from sentencepiece import sentencepiece_model_pb2
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # the generated proto module needs protobuf
+        raise UserError("converting a SentencePiece tokenizer needs protobuf: "
+                        "pip install 'babyllama[export]'") from None
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.backend.serialized_model_proto())
@@ -260,10 +264,14 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> l
         "model_max_length": max_length,
         "added_tokens_decoder": added,
         "chat_template": tokenizer.chat_template,
-        # Read back by babyllama.load: which role each special token plays (transformers
-        # ignores keys it does not know).
+        # Read back by babyllama.load (transformers ignores keys it does not know): which role
+        # each special token plays, and for SentencePiece that tokenizer.model (exact) is the
+        # file to use, with its appended specials in id order.
         "special_tokens": dict(tokenizer.special_tokens),
+        "kind": tokenizer.kind,
     }
+    if tokenizer.kind == "sentencepiece":
+        config["added_tokens"] = tokenizer.config()["added_tokens"]
     if config["unk_token"] is None or tokenizer.unk_id is None:
         del config["unk_token"]
     if tokenizer.chat_template is None:

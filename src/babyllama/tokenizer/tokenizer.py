@@ -324,7 +324,10 @@ def _load(path: Path) -> Tokenizer:
                         f"a {HF_FILE} or a SentencePiece .model file)")
     if path.is_dir():
         directory = path
-        file = next((path / n for n in (HF_FILE, SP_FILE) if (path / n).is_file()), None)
+        names = (HF_FILE, SP_FILE)
+        if (path / SP_FILE).is_file() and _read_configs(path).get("kind") == "sentencepiece":
+            names = (SP_FILE,)  # a transformers export carrying both: SentencePiece is exact
+        file = next((path / n for n in names if (path / n).is_file()), None)
         if file is None:
             raise UserError(f"{path}: directory holds neither {HF_FILE} nor {SP_FILE}")
     else:

@@ -146,5 +146,14 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     saved = json.loads((out / "eval" / "lm-data.json").read_text(encoding="utf-8"))
     assert saved["settings"] == {"stride": 16, "context": 64, "split": "val"} and saved["metrics"]["ppl"] > 1
     assert_one_line_error(run(["eval", out, "--task", "lm", "--data", tmp_path / "absent.txt"]), "absent.txt")
+    gguf = run(["export", out, "--format", "gguf", "--dtype", "q8_0", "-o", tmp_path / "gguf"])
+    assert gguf.returncode == 0 and (tmp_path / "gguf" / "run-q8_0.gguf").exists(), gguf.stderr[-2000:]
+    assert "as gguf" in gguf.stdout and "MiB" in gguf.stdout
+    onnx = run(["export", out, "--format", "onnx", "-o", tmp_path / "onnx"])
+    assert onnx.returncode == 0, onnx.stderr[-2000:]
+    assert {"model.onnx", "tokenizer.json", "config.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+    assert_one_line_error(run(["export", out, "--format", "gguf", "--dtype", "q4_0", "-o", tmp_path / "x"]),
+                          "--dtype q4_0", "f16, f32, q8_0")
+    assert_one_line_error(run(["export", out, "--format", "tflite", "-o", tmp_path / "x"]), "hf, gguf, onnx")
     assert_one_line_error(run(["eval", out, "--task", "generation", "--data", corpus_file, "--top-k", "-1"]),
                           "top_k")

@@ -118,7 +118,8 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
 # Tokenizer
 
 
-def _sentencepiece_proto(tokenizer: Tokenizer):
+def sentencepiece_proto(tokenizer: Tokenizer):
+    """The SentencePiece ModelProto of a SentencePiece tokenizer (normalizer and trainer specs)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:  # the generated proto module needs protobuf
@@ -154,7 +155,7 @@ def sentencepiece_to_tokenizers(tokenizer: Tokenizer):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE, Unigram
 
-    proto = _sentencepiece_proto(tokenizer)
+    proto = sentencepiece_proto(tokenizer)
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
     pieces = [(p.piece, p.score) for p in proto.pieces]
     # Types 2-6 (unknown, control, user-defined, unused, byte) never come out of merging.
@@ -231,7 +232,7 @@ def tied_merge_scores(tokenizer: Tokenizer) -> int:
     ChatGLM2 and Llama have distinct scores, and the conversion is exact."""
     if tokenizer.kind != "sentencepiece":
         return 0
-    proto = _sentencepiece_proto(tokenizer)
+    proto = sentencepiece_proto(tokenizer)
     if proto.trainer_spec.model_type != 2:
         return 0
     scores = Counter(p.score for p in proto.pieces if p.type == 1 and len(p.piece) > 1)

@@ -54,6 +54,16 @@ def test_transformers_logits_and_greedy_tokens_equal_ours(tiny_tokenizer, tmp_pa
     assert hf_out == ours.ids
 
 
+def test_exported_files_get_a_plain_files_mode_not_a_temp_files(tiny_tokenizer, tmp_path):
+    import os
+
+    write_hf(tiny_model(tiny_tokenizer.vocab_size, 2, False), tiny_tokenizer, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_half_precision_export_holds_the_rounded_weights(tiny_tokenizer, tmp_path):
     model = tiny_model(tiny_tokenizer.vocab_size, 2, False)
     write_hf(model, tiny_tokenizer, tmp_path, dtype="bf16")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.atomic import atomic_write_bytes, atomic_write_text
+from babyllama.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
@@ -106,9 +106,8 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = HF_DTYPES[dtype]
     state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model_state(model).items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(out / "config.json", hf_config(model.config, tokenizer, torch_dtype))
     write_json(out / "generation_config.json", generation_defaults(tokenizer, chat))
     return write_tokenizer_files(tokenizer, out, model.config.max_position_embeddings)

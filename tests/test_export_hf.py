@@ -197,6 +197,9 @@ def test_import_refuses_what_our_llama_cannot_represent(tiny_tokenizer, tmp_path
         import_hf(tmp_path / "hf", tmp_path / "run")
     with pytest.raises(UserError, match="no config.json"):
         import_hf(tmp_path, tmp_path / "run")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(UserError, match="mlp.down_proj.weight has shape"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot read the weights"):

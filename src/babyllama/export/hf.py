@@ -356,6 +356,11 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     if missing or unexpected:
         raise UserError(f"{src}: weights do not match a Llama of this config "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    current = model.state_dict()
+    for k, v in state.items():
+        if v.shape != current[k].shape:
+            raise UserError(f"{src}: {k} has shape {tuple(v.shape)}, config.json implies "
+                            f"{tuple(current[k].shape)}")
     model.load_state_dict(state, strict=False)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")

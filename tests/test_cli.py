@@ -27,6 +27,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 @pytest.mark.parametrize("sub", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"],
                                  ["eval"], ["export"], ["import"], ["model", "info"],
+                                 ["tokenizer", "trim"], ["tokenizer", "report"], ["clean"],
                                  ["demo"]])
 def test_every_subcommand_has_help(sub):
     result = run(sub + ["--help"])
@@ -40,6 +41,20 @@ def test_model_info_prints_the_seeds_parameter_counts():
     assert "(43.4M)" in out
     tied = run(["model", "info", "43m", "--vocab-size", "64789", "--tied"]).stdout
     assert "tied" in tied and "(26.8M)" in tied
+
+
+def test_vocab_size_sweep_trains_each_size_and_prints_the_table(corpus_file, tmp_path):
+    result = run(["tokenizer", "train", corpus_file, "--vocab-size", "300,400", "--preset", "demo-cpu",
+                  "-o", tmp_path / "sweep"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| bpe-300 | 300 |" in result.stdout and "| bpe-400 | 400 |" in result.stdout
+    assert (tmp_path / "sweep" / "vocab-400" / "tokenizer.json").exists()
+    report = run(["tokenizer", "report", tmp_path / "sweep" / "vocab-400", corpus_file, "--preset", "demo-cpu"])
+    assert report.returncode == 0 and "| characters / token |" in report.stdout, report.stderr[-2000:]
+    assert_one_line_error(run(["tokenizer", "trim", tmp_path / "sweep" / "vocab-400", corpus_file, "-o",
+                               tmp_path / "t"]), "SentencePiece")
+    bad = run(["tokenizer", "train", corpus_file, "--vocab-size", "300,abc", "-o", tmp_path / "x"])
+    assert bad.returncode == 2 and "300,abc" in bad.stderr
 
 
 def test_missing_file_names_the_file(tmp_path, tiny_data):

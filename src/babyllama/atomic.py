@@ -7,6 +7,7 @@ over the target with `os.replace`, which is atomic on POSIX and Windows.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,3 +51,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a finished temporary directory into place; an old `out_dir` is removed only after
+    the new one is there, so a crash leaves one complete version."""
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)

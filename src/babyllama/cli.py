@@ -6,6 +6,7 @@ A user mistake (`UserError`) prints one line, `error: <file:line: problem>`, and
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,16 @@ from babyllama.infer.config import CHAT_DEFAULTS
 
 SOURCES_HELP = ("text sources: .txt (a document per line), .jsonl/.json, .parquet, .csv, a directory "
                 "of those, or builtin:peoples-daily / builtin:reviews")
+
+
+def vocab_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size or sizes like 4000,8000") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one size")
+    return sizes
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -35,12 +46,76 @@ def cmd_tokenizer_train(args) -> None:
 
         texts = itertools.islice(texts, args.max_documents)
     kwargs = {"pretokenizer": args.pretokenizer} if args.pretokenizer else {}
-    tok = train_tokenizer(texts, args.vocab_size, **kwargs)
+    if len(args.vocab_size) > 1:
+        return _tokenizer_sweep(args, kwargs)
+    tok = train_tokenizer(texts, args.vocab_size[0], **kwargs)
     tok.save(args.out)
     if bad.count:
         print(bad.summary())
     print(f"tokenizer: {tok.vocab_size:,} tokens (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}) "
           f"-> {args.out}")
+
+
+def _source_texts(args):
+    """A factory of fresh document iterators over the command's sources."""
+    import itertools
+
+    from babyllama.data.readers import iter_sources
+
+    def texts():
+        docs = iter_sources(args.sources, text_field=args.text_field, skip_bad=args.skip_bad_records)
+        return itertools.islice(docs, args.max_documents) if getattr(args, "max_documents", 0) else docs
+    return texts
+
+
+def _tokenizer_sweep(args, kwargs) -> None:
+    from babyllama.tokenizer.report import held_out_split, sweep_table, sweep_vocab_sizes
+
+    train_texts, held_out = held_out_split(_source_texts(args))
+    reports = sweep_vocab_sizes(train_texts, args.vocab_size, held_out, preset=args.preset,
+                                save_dir=args.out, **kwargs)
+    print(sweep_table(reports))
+    print(f"-> {args.out}/vocab-<size> (one tokenizer per size)")
+
+
+def cmd_tokenizer_trim(args) -> None:
+    from babyllama.tokenizer.trim import read_retain_file, trim_sentencepiece
+
+    retain = read_retain_file(args.retain) if args.retain else ()
+    result = trim_sentencepiece(args.tokenizer, _source_texts(args)(), keep_cjk=not args.no_keep_cjk,
+                                retain=retain)
+    result.save(args.out)
+    print(result.summary())
+    print(f"-> {args.out} (tokenizer.model, tokenizer_config.json, id_map.json)")
+
+
+def cmd_tokenizer_report(args) -> None:
+    from babyllama.atomic import atomic_write_text
+    from babyllama.tokenizer.report import tokenizer_report
+
+    report = tokenizer_report(args.tokenizer, _source_texts(args)(), preset=args.preset,
+                              name=args.tokenizer, progress=True)
+    print(report.table())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n")
+
+
+def cmd_clean(args) -> None:
+    from babyllama.data.clean import CleanConfig, clean
+
+    cfg = CleanConfig(
+        normalize=args.normalize, simplify=not args.no_simplify, html=not args.no_html,
+        mask=args.mask_pii, min_chars=args.min_chars, max_chars=args.max_chars,
+        min_chinese_ratio=args.min_chinese_ratio, max_repeated_line_ratio=args.max_repeated_line_ratio,
+        max_junk_ratio=args.max_junk_ratio, exact_dedup=not args.no_dedup,
+        near_dedup=not (args.no_dedup or args.no_near_dedup), num_perm=args.num_perm,
+        bands=args.bands, ngram=args.ngram, shard_mb=args.shard_mb, workers=args.workers,
+        text_field=args.text_field)
+    report = clean(args.inputs, args.out, cfg)
+    out = Path(args.out)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    print(md.split("## Examples removed")[0].rstrip())
+    print(f"-> {out} ({len(report['shards'])} shard(s); report.md, report.json with examples)")
 
 
 def cmd_prepare(args) -> None:
@@ -420,15 +495,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="babyllama", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="tokenizer_command",
+    tok = sub.add_parser("tokenizer", help="train, trim or report on a tokenizer").add_subparsers(dest="tokenizer_command",
                                                                                  required=True, metavar="ACTION")
     tt = tok.add_parser("train", help="train a byte-level BPE tokenizer on text sources")
     add_source_args(tt)
-    tt.add_argument("--vocab-size", type=int, default=8000)
+    tt.add_argument("--vocab-size", type=vocab_sizes, default=[8000],
+                    help="one size, or several (4000,8000,16000) to train each and compare them "
+                         "on held-out documents")
+    tt.add_argument("--preset", default=None, help="with several sizes: report the embedding share "
+                                                   "of this model preset")
     tt.add_argument("--pretokenizer", default=None, help="pre-tokenization (default: the measured best; see README)")
     tt.add_argument("--max-documents", type=int, default=0, help="train on at most N documents (0: all)")
     tt.add_argument("-o", "--out", required=True, help="output directory")
     tt.set_defaults(func=cmd_tokenizer_train)
+
+    tm = tok.add_parser("trim", help="shrink a SentencePiece tokenizer to the pieces a corpus uses "
+                                     "(plus all CJK pieces and a retain list)")
+    tm.add_argument("tokenizer", help="a SentencePiece .model or a tokenizer directory")
+    add_source_args(tm)
+    tm.add_argument("--retain", help="a file of pieces or words to keep (one per line), e.g. English words")
+    tm.add_argument("--no-keep-cjk", action="store_true", help="keep only the CJK pieces the corpus uses")
+    tm.add_argument("--max-documents", type=int, default=0, help="read at most N documents (0: all)")
+    tm.add_argument("-o", "--out", required=True, help="output directory")
+    tm.set_defaults(func=cmd_tokenizer_trim)
+
+    tr = tok.add_parser("report", help="chars/token, byte fallback, coverage and embedding share on a corpus")
+    tr.add_argument("tokenizer", help="a tokenizer directory, tokenizer.json or SentencePiece .model")
+    add_source_args(tr)
+    tr.add_argument("--preset", default=None, help="a model preset: the embedding's share of its parameters")
+    tr.add_argument("--max-documents", type=int, default=0, help="read at most N documents (0: all)")
+    tr.add_argument("--json", help="also write the numbers to this JSON file")
+    tr.set_defaults(func=cmd_tokenizer_report)
+
+    cl = sub.add_parser("clean", help="raw corpora -> clean, deduplicated jsonl shards with a report")
+    cl.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="files or folders: .txt in any Chinese encoding (a document per line), "
+                         ".jsonl/.json/.csv/.parquet, MediaWiki dumps (.xml, .xml.bz2)")
+    cl.add_argument("-o", "--out", required=True, help="output folder (part-*.jsonl, report.md/json)")
+    cl.add_argument("--normalize", default="width", choices=["width", "nfkc", "none"],
+                    help="width: full-width Latin letters/digits to ASCII, Chinese punctuation kept "
+                         "(default); nfkc: Unicode NFKC")
+    cl.add_argument("--no-simplify", action="store_true", help="keep traditional characters")
+    cl.add_argument("--no-html", action="store_true", help="do not strip HTML tags")
+    cl.add_argument("--mask-pii", action="store_true", help="e-mail addresses and phone numbers -> <email>/<phone>")
+    cl.add_argument("--min-chars", type=int, default=20)
+    cl.add_argument("--max-chars", type=int, default=200_000)
+    cl.add_argument("--min-chinese-ratio", type=float, default=0.3, help="Han characters / non-space characters")
+    cl.add_argument("--max-repeated-line-ratio", type=float, default=0.3)
+    cl.add_argument("--max-junk-ratio", type=float, default=0.25, help="symbols that are neither text nor punctuation")
+    cl.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    cl.add_argument("--no-near-dedup", action="store_true", help="exact duplicates only")
+    cl.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    cl.add_argument("--bands", type=int, default=16, help="LSH bands (more: lower Jaccard threshold)")
+    cl.add_argument("--ngram", type=int, default=5, help="character n-gram size of the shingles")
+    cl.add_argument("--shard-mb", type=int, default=64)
+    cl.add_argument("--workers", type=int, default=None, help="processes (default: cores - 1)")
+    cl.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
+    cl.set_defaults(func=cmd_clean)
 
     pr = sub.add_parser("prepare", help="tokenize text sources into token shards (train + val split)")
     add_source_args(pr)

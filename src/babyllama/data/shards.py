@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from babyllama.atomic import replace_dir
 from babyllama.data.readers import BadRecords, as_source_list, iter_sources, require_documents
 from babyllama.errors import UserError
 
@@ -74,7 +75,7 @@ def prepare(sources, tokenizer, out_dir, *, val_fraction: float = 0.01, workers:
         meta = _prepare_into(tmp_dir, sources, tokenizer, val_fraction=val_fraction,
                              workers=workers, shard_tokens=shard_tokens, text_field=text_field,
                              skip_bad=skip_bad, seed=seed, progress=progress)
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -155,17 +156,6 @@ def tokenizer_fingerprint(directory: Path) -> str:
         h.update(file.name.encode())
         h.update(file.read_bytes())
     return h.hexdigest()
-
-
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished tmp dir into place; an old out_dir is removed only after that."""
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
 
 
 def _val_score(seed: int, index: int) -> float:

@@ -368,7 +368,7 @@ def _sentencepiece_vocab(tokenizer) -> _Vocab:
 
 def _sentencepiece_proto(tokenizer):
     """The model proto, refused unless llama.cpp's SPM tokenizer reproduces it."""
-    from babyllama.export.hf import sentencepiece_proto
+    from babyllama.tokenizer.tokenizer import sentencepiece_proto
 
     proto = sentencepiece_proto(tokenizer)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec

@@ -29,7 +29,7 @@ from babyllama.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.tokenizer import Tokenizer
-from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE
+from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE, sentencepiece_proto
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -115,19 +115,6 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
 
 # ----------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def sentencepiece_proto(tokenizer: Tokenizer):
-    """The SentencePiece ModelProto of a SentencePiece tokenizer (normalizer and trainer specs)."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # the generated proto module needs protobuf
-        raise UserError("converting a SentencePiece tokenizer needs protobuf: "
-                        "pip install 'babyllama[export]'") from None
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.backend.serialized_model_proto())
-    return proto
 
 
 def _bpe_merges(pieces: list[tuple[str, float]], skip: set[str]) -> list[tuple[str, str]]:

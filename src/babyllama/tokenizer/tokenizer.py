@@ -314,6 +314,17 @@ class Tokenizer:
         return _load(Path(path))
 
 
+def sentencepiece_proto(tokenizer: Tokenizer):
+    """The ModelProto of a SentencePiece tokenizer: its pieces with types and scores, and the
+    trainer and normalizer specs the processor does not expose (needed to convert, export or
+    trim it)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.backend.serialized_model_proto())
+    return proto
+
+
 # ----------------------------------------------------------------------------------------
 # Loading
 

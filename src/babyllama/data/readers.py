@@ -139,9 +139,11 @@ def read_utf8(path: Path) -> str:
 
 
 def _files_in(directory: Path) -> list[Path]:
-    """Supported files below a directory, sorted so the document order is reproducible."""
+    """Supported files below a directory, sorted so the document order is reproducible.
+    Hidden files and, as in Hadoop/Spark output folders, files starting with "_" (metadata such
+    as `babyllama clean`'s _report.json) are not documents."""
     files = [p for p in directory.rglob("*")
-             if p.is_file() and not p.name.startswith(".") and _kind(p) is not None]
+             if p.is_file() and not p.name.startswith((".", "_")) and _kind(p) is not None]
     return sorted(files)
 
 

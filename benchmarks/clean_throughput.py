@@ -20,6 +20,7 @@ removed (a distinct document removed is a false positive).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -29,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import xxhash
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -67,7 +67,8 @@ def edit(text: str, rng: random.Random, han: list[str]) -> str:
 
 
 def key(text: str) -> int:
-    return xxhash.xxh64_intdigest("".join(text.split()).encode("utf-8"))
+    digest = hashlib.blake2b("".join(text.split()).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def write_corpus(path: Path, size_mb: int, exact: float, near: float, seed: int) -> dict:

@@ -109,7 +109,7 @@ def cmd_clean(args) -> None:
         min_chinese_ratio=args.min_chinese_ratio, max_repeated_line_ratio=args.max_repeated_line_ratio,
         max_junk_ratio=args.max_junk_ratio, exact_dedup=not args.no_dedup,
         near_dedup=not (args.no_dedup or args.no_near_dedup), num_perm=args.num_perm,
-        bands=args.bands, ngram=args.ngram, shard_mb=args.shard_mb, workers=args.workers,
+        bands=args.bands, ngram=args.ngram, near_jaccard=args.near_jaccard, shard_mb=args.shard_mb, workers=args.workers,
         text_field=args.text_field)
     report = clean(args.inputs, args.out, cfg)
     out = Path(args.out)
@@ -548,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     cl.add_argument("--bands", type=int, default=32, help="LSH bands (more: lower Jaccard threshold; 32 x 4 rows: ~0.42)")
     cl.add_argument("--ngram", type=int, default=5, help="character n-gram size of the shingles")
+    cl.add_argument("--near-jaccard", type=float, default=0.6,
+                    help="estimated Jaccard at which a candidate pair counts as a near-duplicate")
     cl.add_argument("--shard-mb", type=int, default=64)
     cl.add_argument("--workers", type=int, default=None, help="processes (default: cores - 1)")
     cl.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")

@@ -23,6 +23,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Iterator
 
+from babyllama.data.clean_text import normalize_width
 from babyllama.errors import UserError
 
 BUILTIN_CORPORA = {
@@ -36,19 +37,11 @@ BUILTIN_CONVERSATIONS = {
                      " conversations; chatterbot-corpus)",
 }
 
-# Full-width Latin letters/digits and the ideographic space -> ASCII. Deliberately not NFKC:
-# NFKC would also turn Chinese punctuation (，。：；（）) into ASCII, which is wrong for Chinese.
-_FULLWIDTH = {0x3000: " "}
-_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF10, 0xFF1A)})  # ０-９
-_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF21, 0xFF3B)})  # Ａ-Ｚ
-_FULLWIDTH.update({c: c - 0xFEE0 for c in range(0xFF41, 0xFF5B)})  # ａ-ｚ
-# A full-width full stop between digits is a decimal point (３．５％ -> 3.5％), not punctuation.
-_DECIMAL_POINT = re.compile(r"(?<=[0-9])．(?=[0-9])")
-
-
 def normalize_fullwidth(text: str) -> str:
-    """Full-width ASCII letters, digits (and decimal points) and U+3000 -> ASCII; nothing else."""
-    return _DECIMAL_POINT.sub(".", text.translate(_FULLWIDTH))
+    """`clean_text.normalize_width` (full-width Latin letters and digits -> ASCII, Chinese
+    punctuation kept) plus the ideographic space -> " ": the POS-tagged corpus uses it between
+    words, where it is a plain separator."""
+    return normalize_width(text).replace("\u3000", " ")
 
 
 def iter_builtin(source: str) -> Iterator[str]:

@@ -54,6 +54,23 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
 
 
+def read_model_config(path: Path) -> ModelConfig:
+    """The model config of a run directory (config.yaml) or a transformers one (config.json)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory")
+    if (path / "config.yaml").exists():
+        return read_run_config(path).model
+    if (path / "config.json").exists():
+        return model_config_from_hf(path / "config.json")
+    raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
+                    "directory (no config.json)")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A run's tokenizer/ folder, or the tokenizer files of a transformers directory."""
+    return Tokenizer.load(path / "tokenizer" if (path / "tokenizer").exists() else path)
+
+
 def load_model(path: Path, config: ModelConfig) -> Llama:
     """The run's weights: `model.safetensors`, or a LoRA run's adapter folded into its base
     (merged once here, so generation costs what a plain model costs)."""
@@ -126,17 +143,8 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "LLM":
         path = Path(path)
-        if not path.exists():
-            raise UserError(f"{path}: no such run directory")
-        if (path / "config.yaml").exists():
-            config = read_run_config(path).model
-        elif (path / "config.json").exists():
-            config = model_config_from_hf(path / "config.json")
-        else:
-            raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
-                            "directory (no config.json)")
-        tok_path = path / "tokenizer" if (path / "tokenizer").exists() else path
-        tokenizer = Tokenizer.load(tok_path)
+        config = read_model_config(path)
+        tokenizer = load_tokenizer(path)
         model = load_model(path, config)
         dev = pick_device(device)
         model = model.to(dev)

@@ -69,13 +69,11 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = N
         result = write_gguf(src.model, src.tokenizer, path, dtype=dtype,
                             name=run.resolve().name, chat=src.chat)
         return Exported(path, [path], list(result.warnings))
-    from babyllama.export.hf import generation_defaults, hf_config, write_json, write_tokenizer_files
+    from babyllama.export.hf import write_model_files
     from babyllama.export.onnx import write_onnx
 
     out.mkdir(parents=True, exist_ok=True)
     write_onnx(src.model, out / "model.onnx")
     # Next to the graph, the files that say how to feed it: sizes, tokenizer, stop tokens.
-    write_json(out / "config.json", hf_config(src.model.config, src.tokenizer))
-    write_json(out / "generation_config.json", generation_defaults(src.tokenizer, src.chat))
-    warnings = write_tokenizer_files(src.tokenizer, out, src.model.config.max_position_embeddings)
+    warnings = write_model_files(src.model, src.tokenizer, out, src.chat)
     return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)

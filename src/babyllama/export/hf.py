@@ -108,7 +108,14 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
     state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model_state(model).items()}
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(out / "config.json", hf_config(model.config, tokenizer, torch_dtype))
+    return write_model_files(model, tokenizer, out, chat, torch_dtype)
+
+
+def write_model_files(model: Llama, tokenizer: Tokenizer, out: Path, chat: bool,
+                      dtype: torch.dtype = torch.float32) -> list[str]:
+    """What goes beside the weights (transformers' or an ONNX graph): config.json,
+    generation_config.json and the tokenizer files. Returns the tokenizer's warnings."""
+    write_json(out / "config.json", hf_config(model.config, tokenizer, dtype))
     write_json(out / "generation_config.json", generation_defaults(tokenizer, chat))
     return write_tokenizer_files(tokenizer, out, model.config.max_position_embeddings)
 
@@ -317,7 +324,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     transformers Llama directory `src`; `babyllama sft`, `eval`, `chat` and `export` take it."""
     from babyllama.config import RunConfig, save_config
     from babyllama.llm import model_config_from_hf
-    from babyllama.train.checkpoint import save_weights
+    from babyllama.train.checkpoint import load_state, save_weights
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
@@ -336,19 +343,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model = Llama(config)
     state = {k: v.float() for k, v in _hf_state(src).items()
              if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved the RoPE buffer
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"{src}: weights do not match a Llama of this config "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    current = model.state_dict()
-    for k, v in state.items():
-        if v.shape != current[k].shape:
-            raise UserError(f"{src}: {k} has shape {tuple(v.shape)}, config.json implies "
-                            f"{tuple(current[k].shape)}")
-    model.load_state_dict(state, strict=False)
+    load_state(model, state, src)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")
     tokenizer.save(out / "tokenizer")

@@ -29,9 +29,8 @@ def load_export_source(path: str | Path, merge: bool = False) -> ExportSource:
     """The run at `path` ready to export. A LoRA run holds only its adapter: the file the
     other tools open must hold the merged weights, so exporting one needs `merge=True`
     (merged in memory here) or a `babyllama merge-lora` run first."""
-    from babyllama.config import read_run_config
     from babyllama.eval.prompting import run_uses_chat
-    from babyllama.llm import load_model, model_config_from_hf
+    from babyllama.llm import load_model, load_tokenizer, read_model_config
 
     path = Path(path)
     if not path.is_dir():
@@ -40,14 +39,8 @@ def load_export_source(path: str | Path, merge: bool = False) -> ExportSource:
         raise UserError(f"{path}: a LoRA run (adapter only); add --merge to fold the adapter into "
                         f"its base while exporting, or run `babyllama merge-lora {path} -o "
                         f"{path}-merged` and export that")
-    if (path / "config.yaml").exists():
-        config = read_run_config(path).model
-    elif (path / "config.json").exists():
-        config = model_config_from_hf(path / "config.json")
-    else:
-        raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
-                        "directory (no config.json)")
-    tokenizer = Tokenizer.load(path / "tokenizer" if (path / "tokenizer").exists() else path)
+    config = read_model_config(path)
+    tokenizer = load_tokenizer(path)
     model = load_model(path, config).float().eval()
     with torch.no_grad():  # merged or loaded weights may be views; files need plain layout
         for p in model.parameters():

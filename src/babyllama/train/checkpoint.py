@@ -46,6 +46,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    load_state(model, state, path)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Load `state` into `model` after checking it has exactly the model's keys and shapes
+    (a tied LM head may be absent); a mismatch is one line naming `source`."""
     current = model.state_dict()
     expected = set(current)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -53,12 +59,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         state.pop("lm_head.weight", None)
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the model config "
+        raise UserError(f"{source}: weights do not match the model config "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     for k, v in state.items():
         want = current[k].shape
         if v.shape != want:
-            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(want)}")
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(want)}")
     model.load_state_dict(state, strict=False)
 
 

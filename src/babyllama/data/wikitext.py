@@ -9,10 +9,15 @@ birth and death dates of every biography live in templates
 (`{{bd|1881年|9月25日|1936年|10月19日}}`, `{{birth date|1900|1|2}}`), and so do the local names of
 foreign-language links (`{{le|中文|English}}`) and foreign terms (`{{lang|en|...}}`), so
 sentences came out as "鲁迅（），浙江人". Its regexes also leave `<ref>` bodies and table cells
-behind. Here the parse tree is walked instead: templates are dropped except a known list whose
-output is text (dates, language and link helpers), which are rendered the way zhwiki shows
-them; refs, tables, galleries, files, categories, interlanguage links and the reference /
-external-link sections at the end of articles are dropped.
+behind. Extractors that keep a list of templates lose the rest: WikiExtractor drops
+`{{formatnum:1234567}}`, a parser function, and populations come out as "人口约为人". Here the
+parse tree is walked instead: a template whose output is visible text is rendered from a table
+(dates, ages, numbers and units, foreign names, flags with a country name, lists, formatting
+wrappers, and the parser functions `formatnum:`, `lc:`, `uc:`, `padleft:`, `#tag:` ...), with
+`1=` read as the first argument the way MediaWiki reads it; every other template (infoboxes,
+navboxes, footnotes, maintenance tags, `#if:`-style logic) is dropped, as are refs, tables,
+galleries, files, categories, interlanguage links and the reference / external-link sections
+at the end of articles.
 
 Speed: parsing dominates (mwparserfromhell tokenizes in C but builds its tree in Python). Refs
 and comments, a large share of real articles and dropped anyway, are cut with a regex before
@@ -151,59 +156,112 @@ def resolve_conversion(wikitext: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Templates that render text
+#
+# A dump holds template *calls*; MediaWiki expands them only when it shows the page. Most
+# templates in articles are not prose (infoboxes, navboxes, footnotes, maintenance tags such as
+# {{citation needed}}) and are dropped, but some put visible text into the sentence around them:
+# a date, a number, a foreign name, a country. Dropping those leaves "人口约为人", so every
+# template whose output is visible text is rendered from a table below (name -> rule), as close
+# to what the reader of the page sees as plain text allows.
 
 
-def _positional(template) -> list[str]:
-    return [_render(p.value).strip() for p in template.params if not p.showkey]
+class _Args:
+    """A template call's arguments, numbered the way MediaWiki numbers them.
+
+    Unnamed arguments fill the slots 1, 2, 3, ... in order, and `n=` names the same slot:
+    `{{x|1=a}}` is `{{x|a}}` (the usual way to pass text that contains "="), and when both fill
+    one slot the one written last wins. MediaWiki trims named values and not unnamed ones; here
+    both are trimmed, since the text is spliced into a sentence.
+    """
+
+    _SLOT = re.compile(r"[1-9][0-9]{0,2}")  # "1".."999" name a slot; "01" is just a name
+
+    def __init__(self, template):
+        self.named: dict[str, str] = {}
+        slots: dict[int, str] = {}
+        unnamed = 0
+        for param in template.params:
+            value = _render(param.value).strip()
+            if not param.showkey:
+                unnamed += 1
+                slots[unnamed] = value
+                continue
+            key = str(param.name).strip()
+            if self._SLOT.fullmatch(key):
+                slots[int(key)] = value
+            else:
+                self.named[key] = value
+        self.positional = [slots.get(i, "") for i in range(1, max(slots, default=0) + 1)]
+
+    def __getitem__(self, key: int | str) -> str:
+        """Argument at a 1-based position, or by name; "" when not given."""
+        if isinstance(key, int):
+            return self.positional[key - 1] if 0 < key <= len(self.positional) else ""
+        return self.named.get(key, "")
 
 
-def _arg(args: list[str], i: int) -> str:
-    return args[i] if i < len(args) else ""
+Rule = Callable[[_Args], str]
+
+# Rules most templates need, so the table below stays one line per template.
 
 
-def _birth_death(template) -> str:
+def _first(*keys: int | str) -> Rule:
+    """The first non-empty of these arguments: `_first("text", 1)` reads `text=`, else the 1st."""
+    return lambda a: next((a[k] for k in keys if a[k]), "")
+
+
+def _last(a: _Args) -> str:
+    """The last positional argument: {{color|red|文字}}, {{font color|red|white|文字}}."""
+    return a.positional[-1] if a.positional else ""
+
+
+def _joined(separator: str) -> Rule:
+    """Every non-empty positional argument, joined: {{hlist|a|b}}, {{ubl|a|b}}."""
+    return lambda a: separator.join(x for x in a.positional if x)
+
+
+def _text(text: str) -> Rule:
+    """Always the same text: {{!}} -> |, {{CHN}} -> 中国; "" for icon-only templates."""
+    return lambda a: text
+
+
+# --- dates
+
+
+def _birth_death(a: _Args) -> str:
     """{{bd|1881年|9月25日|1936年|10月19日}} -> 1881年9月25日—1936年10月19日 (— alone when living)."""
-    a = _positional(template)
-    birth, death = _arg(a, 0) + _arg(a, 1), _arg(a, 2) + _arg(a, 3)
+    birth, death = a[1] + a[2], a[3] + a[4]
     return f"{birth}—{death}" if birth or death else ""
 
 
-def _ymd(template) -> str:
+def _ymd(a: _Args) -> str:
     """{{birth date|1900|1|2}} -> 1900年1月2日; the first date of the *and age* variants."""
-    a = [x for x in _positional(template) if x]
-    if not a:
+    values = [x for x in a.positional if x]
+    if not values:
         return ""
-    if not a[0].isdigit():
-        return a[0]  # {{birth date|1900年1月2日}}: already text
-    parts = [f"{int(a[0])}年"]
-    for value, unit in zip(a[1:3], "月日"):
+    if not values[0].isdigit():
+        return values[0]  # {{birth date|1900年1月2日}}: already text
+    parts = [f"{int(values[0])}年"]
+    for value, unit in zip(values[1:3], "月日"):
         if not value.isdigit():
             break
         parts.append(f"{int(value)}{unit}")
     return "".join(parts)
 
 
-def _param(i: int) -> Callable:
-    return lambda template: _arg(_positional(template), i)
+def _age(a: _Args) -> str:
+    """{{age|1949|10|1|2019|10|1}} -> 70: whole years between two dates.
 
-
-def _last(template) -> str:
-    a = _positional(template)
-    return a[-1] if a else ""
-
-
-def _tsl(template) -> str:
-    """{{tsl|en|Foreign title|本地标题|显示文字}}: the displayed (else local) title."""
-    a = _positional(template)
-    return _arg(a, 3) or _arg(a, 2) or _arg(a, 1)
-
-
-def _convert_units(template) -> str:
-    """{{convert|10|km|mi}} -> 10km; {{convert|1|-|2|km}} -> 1–2km (no conversion shown)."""
-    a = _positional(template)
-    if _arg(a, 1) in ("-", "–", "to", "and", "~", "至", "到"):
-        return f"{_arg(a, 0)}–{_arg(a, 2)}{_arg(a, 3)}"
-    return _arg(a, 0) + _arg(a, 1)
+    With one date, MediaWiki counts up to the day the page is viewed, which a dump does not
+    record; rendering the age on the day of cleaning would make the same dump clean to
+    different text each year. The date itself (1949年10月1日) is shown instead, the same
+    choice as for {{birth date and age}}.
+    """
+    values = a.positional[:6]
+    if len(values) == 6 and all(x.isdigit() for x in values):
+        y1, m1, d1, y2, m2, d2 = map(int, values)
+        return str(y2 - y1 - ((m2, d2) < (m1, d1)))
+    return _ymd(a)
 
 
 _DATE_TEMPLATES = ("birth date", "birth date and age", "death date", "death date and age",
@@ -211,36 +269,225 @@ _DATE_TEMPLATES = ("birth date", "birth date and age", "death date", "death date
                    "start date and age", "dob", "bda", "dda", "出生日期", "出生日期和年龄",
                    "出生日期和年齡", "逝世日期", "逝世日期和年龄", "逝世日期和年齡", "死亡日期",
                    "死亡日期和年龄", "死亡日期和年齡")
-_TEMPLATES: dict[str, Callable] = {
+
+# --- names in other languages
+
+
+def _tsl(a: _Args) -> str:
+    """{{tsl|en|Foreign title|本地标题|显示文字}}: the displayed (else local) title."""
+    return a[4] or a[3] or a[2]
+
+
+# {{zh|s=中国|t=中國|p=Zhōngguó}}: each form with its label, in enwiki's {{zh}} order.
+_ZH_LABELS = (("c", "中文"), ("s", "简体字"), ("t", "繁体字"), ("p", "汉语拼音"),
+              ("tp", "通用拼音"), ("w", "威妥玛拼音"), ("j", "粤拼"), ("y", "耶鲁粤拼"),
+              ("poj", "白话字"), ("zhu", "注音符号"), ("l", "字面意思"))
+
+
+def _zh(a: _Args) -> str:
+    """{{zh|s=中国|t=中國}} -> 简体字：中国；繁体字：中國."""
+    return "；".join(f"{label}：{a[key]}" for key, label in _ZH_LABELS if a[key])
+
+
+def _nihongo(a: _Args) -> str:
+    """{{nihongo|东京|東京|Tōkyō}} -> 东京（東京，Tōkyō）: the name, then the Japanese and its
+    romanization in brackets, as {{nihongo}} shows them (full-width brackets in Chinese)."""
+    inside = "，".join(x for x in (a[2], a[3], a[4]) if x)
+    return f"{a[1]}（{inside}）" if inside else a[1]
+
+
+# --- numbers and units
+
+_NUMBER = re.compile(r"([-+\u2212]?)([0-9]+)(\.[0-9]+)?")
+_THOUSANDS = re.compile(r"(?<=[0-9])(?=(?:[0-9]{3})+$)")
+
+
+def _group_digits(number: str) -> str:
+    """1234567.25 -> 1,234,567.25: commas every three digits of the integer part, as
+    MediaWiki's formatnum shows numbers in Chinese (and English); anything else unchanged."""
+    match = _NUMBER.fullmatch(number)
+    if not match:
+        return number
+    sign, integer, fraction = match.groups()
+    return sign + _THOUSANDS.sub(",", integer) + (fraction or "")
+
+
+def _convert_units(a: _Args) -> str:
+    """{{convert|10|km|mi}} -> 10km; {{convert|1|-|2|km}} -> 1–2km (no conversion shown)."""
+    if a[2] in ("-", "–", "to", "and", "~", "至", "到"):
+        return f"{a[1]}–{a[3]}{a[4]}"
+    return a[1] + a[2]
+
+
+def _val(a: _Args) -> str:
+    """{{val|1.5|e=6|u=m}} -> 1.5×10^6 m; {{val|9.8|0.2}} -> 9.8±0.2; {{val|5|+2|-1}} -> 5+2-1.
+
+    Module:Val sets the exponent as a superscript; "^" keeps it readable as plain text.
+    """
+    number = a["p"] + a[1]
+    if a[2]:
+        number += a[2] + a[3] if a[3] else f"±{a[2]}"
+    if a["e"]:
+        number += f"×10^{a['e']}"
+    unit = a["u"] or a["ul"]
+    per = a["up"] or a["upl"]
+    if per:
+        unit += f"/{per}"
+    if unit:
+        # A space before the unit, except for the symbols written against the number.
+        number += unit if unit[0] in "°%′″'\"" else f" {unit}"
+    return number + a["s"]
+
+
+# --- flags: the country name where the template shows one, nothing for a bare icon
+
+# zhwiki's {{CHN}}-style templates (IOC codes) show a flag and the country's short name.
+_COUNTRIES = dict(pair.split(":") for pair in """
+    CHN:中国 TPE:中华台北 HKG:香港 MAC:澳门 ROC:中华民国 JPN:日本 KOR:韩国 PRK:朝鲜 MGL:蒙古
+    USA:美国 CAN:加拿大 MEX:墨西哥 CUB:古巴 JAM:牙买加 BRA:巴西 ARG:阿根廷 CHI:智利 COL:哥伦比亚
+    PER:秘鲁 URU:乌拉圭 PAR:巴拉圭 VEN:委内瑞拉 ECU:厄瓜多尔 GBR:英国 ENG:英格兰 SCO:苏格兰
+    WAL:威尔士 NIR:北爱尔兰 IRL:爱尔兰 FRA:法国 GER:德国 ITA:意大利 ESP:西班牙 POR:葡萄牙
+    NED:荷兰 BEL:比利时 SUI:瑞士 AUT:奥地利 SWE:瑞典 NOR:挪威 DEN:丹麦 FIN:芬兰 ISL:冰岛
+    POL:波兰 CZE:捷克 SVK:斯洛伐克 HUN:匈牙利 ROU:罗马尼亚 BUL:保加利亚 GRE:希腊 TUR:土耳其
+    RUS:俄罗斯 UKR:乌克兰 BLR:白俄罗斯 CRO:克罗地亚 SRB:塞尔维亚 SLO:斯洛文尼亚 AUS:澳大利亚
+    NZL:新西兰 IND:印度 PAK:巴基斯坦 THA:泰国 VIE:越南 MAS:马来西亚 SGP:新加坡 INA:印度尼西亚
+    PHI:菲律宾 KAZ:哈萨克斯坦 UZB:乌兹别克斯坦 IRI:伊朗 IRQ:伊拉克 KSA:沙特阿拉伯 QAT:卡塔尔
+    UAE:阿拉伯联合酋长国 ISR:以色列 EGY:埃及 RSA:南非 NGR:尼日利亚 KEN:肯尼亚 ETH:埃塞俄比亚
+    MAR:摩洛哥 ALG:阿尔及利亚 TUN:突尼斯 CMR:喀麦隆 GHA:加纳 CIV:科特迪瓦 SEN:塞内加尔
+    """.split())
+
+
+def _country(a: _Args) -> str:
+    """{{flag|中国}} -> 中国, {{flagcountry|CHN}} -> 中国: the name shown next to the flag
+    (`name=` when given, a known code spelled out)."""
+    return a["name"] or _COUNTRIES.get(a[1].upper(), a[1])
+
+
+_TEMPLATES: dict[str, Rule] = {
+    # Dates: zhwiki biographies keep their birth and death dates in templates.
     "bd": _birth_death,
-    **{name: _ymd for name in _DATE_TEMPLATES},
-    "lang": _param(1), "langx": _param(1),
-    "le": _param(0), "ill": _param(0), "ilh": _param(0), "interlanguage link": _param(0),
-    "interlanguage link multi": _param(0), "tsl": _tsl,
-    "translink": _tsl, "abbr": _param(0), "ruby": _param(0),
+    **dict.fromkeys(_DATE_TEMPLATES, _ymd),
+    **dict.fromkeys(("age", "年龄", "年齡"), _age),
+    # Foreign names and links to other wikis: the text shown in the sentence.
+    "lang": _first(2, "text"), "langx": _first(2, "text"),
+    "le": _first(1), "ill": _first(1), "ilh": _first(1), "interlanguage link": _first(1),
+    "interlanguage link multi": _first(1), "tsl": _tsl, "translink": _tsl,
+    "zh": _zh, "nihongo": _nihongo, "nihongo2": _first(1),
+    # Formatting wrappers: the text is the last (or text=) argument, the others are styles.
     "nowrap": _last, "nobr": _last, "small": _last, "big": _last, "larger": _last,
     "smaller": _last, "color": _last, "colour": _last, "font color": _last, "em": _last,
-    "convert": _convert_units, "cvt": _convert_units,
-    "!": lambda t: "|", "=": lambda t: "=", "·": lambda t: "·", "ndash": lambda t: "–",
-    "mdash": lambda t: "—",
+    "font": _first("text", 1), "abbr": _first(1), "ruby": _first(1),
+    # Numbers and units ({{ordinal|3}}: the number; Chinese writes 第…名 around it).
+    "convert": _convert_units, "cvt": _convert_units, "val": _val, "ordinal": _first(1),
+    # Lists: {{hlist}} is separated by " · " (its stylesheet), {{ubl}} is one item per line,
+    # {{plainlist}} / {{flatlist}} wrap an ordinary * list given as their argument.
+    "hlist": _joined(" · "), "ubl": _joined("\n"), "unbulleted list": _joined("\n"),
+    "plainlist": _first(1), "flatlist": _first(1),
+    # Flags.
+    "flag": _country, "flagcountry": _country, "flagu": _country,
+    "flagicon": _text(""), "flagdeco": _text(""),
+    **{code.lower(): _text(name) for code, name in _COUNTRIES.items()},
+    # Characters that cannot be written inside a template call.
+    "!": _text("|"), "=": _text("="), "·": _text("·"), "ndash": _text("–"),
+    "mdash": _text("—"),
 }
 # Families by prefix: {{lang-en|text}}, {{link-en|中文|English}}, {{internal link helper/en|...}}.
-_TEMPLATE_PREFIXES = (("lang-", _param(0)), ("link-", _param(0)),
-                      ("internal link helper", _param(0)))
+_TEMPLATE_PREFIXES = (("lang-", _first(1, "text")), ("link-", _first(1)),
+                      ("internal link helper", _first(1)))
 _TEMPLATE_NAMESPACE = re.compile(r"^(?:template|模板|样板|樣板)\s*:\s*", re.IGNORECASE)
 
 
 def _template_name(template) -> str:
+    """The name as a table key. MediaWiki ignores the whitespace around a name, reads "_" as a
+    space and folds the case of its first letter; the whole name is folded here, which also
+    catches the capitalized redirects ({{Birth Date}}) of the templates in the table."""
     name = " ".join(str(template.name).replace("_", " ").split()).lower()
     return _TEMPLATE_NAMESPACE.sub("", name)
 
 
+# --- parser functions and magic words: {{name:first|second|...}}
+#
+# mwparserfromhell parses {{formatnum:1234567}} as a template named "formatnum:1234567". The
+# functions below only reshape their argument, so they are rendered. Those with logic are
+# dropped with the templates not in the table: {{#if:}}, {{#ifeq:}}, {{#switch:}}, {{#expr:}},
+# {{#time:}}, {{#invoke:}} (Lua). In articles they test or compute things a dump does not hold
+# (other templates' output, the current date, the page's own name), and rendering a guessed
+# branch would put text in the corpus that no reader saw. Likewise variables such as
+# {{CURRENTYEAR}} and {{PAGENAME}}, and {{DEFAULTSORT:...}}, which shows nothing.
+
+
+def _formatnum(args: list[str]) -> str:
+    """{{formatnum:1234567}} -> 1,234,567; -12 and 2345.6 -> -12 and 2,345.6.
+
+    Digits are grouped with commas as zhwiki shows them. The ASCII "-" is kept where recent
+    MediaWiki displays U+2212 (−), so that numbers read the same across the corpus. Flags:
+    `R` undoes the formatting (1,234 -> 1234), `NOSEP` keeps the digits ungrouped.
+    """
+    number, flag = args[0], (args[1].upper() if len(args) > 1 else "")
+    if flag == "R":
+        return number.replace(",", "")
+    return number if flag == "NOSEP" else _group_digits(number)
+
+
+def _pad(left: bool) -> Callable[[list[str]], str]:
+    """{{padleft:7|3}} -> 007, {{padright:ab|5|-}} -> ab---: padded to a length (MediaWiki caps
+    it at 500) with a pad string, "0" by default, repeated and cut to fit."""
+
+    def pad(args: list[str]) -> str:
+        text, length = args[0], (args[1] if len(args) > 1 else "")
+        filler = (args[2] if len(args) > 2 else "") or "0"
+        if not length.isdigit() or len(text) >= min(int(length), 500):
+            return text
+        fill = (filler * 500)[:min(int(length), 500) - len(text)]
+        return fill + text if left else text + fill
+
+    return pad
+
+
+def _tag_function(args: list[str]) -> str:
+    """{{#tag:span|text|class=x}}: the tag <span class=x>text</span>, rendered as that tag is:
+    {{#tag:ref|...}} is a footnote and dropped, the way <ref> is."""
+    name = args[0].lower()
+    if name in _DROPPED_TAGS:
+        return ""
+    if name in _BREAK_TAGS:
+        return "\n"
+    content = args[1] if len(args) > 1 else ""
+    return f"\n{content}\n" if name in _BLOCK_TAGS else content
+
+
+_PARSER_FUNCTIONS: dict[str, Callable[[list[str]], str]] = {
+    "formatnum": _formatnum,
+    "lc": lambda args: args[0].lower(), "uc": lambda args: args[0].upper(),
+    "lcfirst": lambda args: args[0][:1].lower() + args[0][1:],
+    "ucfirst": lambda args: args[0][:1].upper() + args[0][1:],
+    "padleft": _pad(left=True), "padright": _pad(left=False),
+    "#tag": _tag_function,
+    # Without a user preference, MediaWiki shows the date as written.
+    "#formatdate": lambda args: args[0], "#dateformat": lambda args: args[0],
+}
+
+
+def _function_args(template) -> list[str]:
+    """Arguments of {{name:first|second|...}}, in order and trimmed. MediaWiki does not split
+    a parser function's arguments at "=", so `class=x` stays one argument."""
+    first = _render(template.name).partition(":")[2]
+    rest = [(f"{_render(p.name)}=" if p.showkey else "") + _render(p.value)
+            for p in template.params]
+    return [arg.strip() for arg in (first, *rest)]
+
+
 def _render_template(template) -> str:
+    # Magic words are case-insensitive: {{FORMATNUM:1}} is {{formatnum:1}}.
+    head, colon, _ = str(template.name).partition(":")
+    function = _PARSER_FUNCTIONS.get(head.strip().lower()) if colon else None
+    if function is not None:
+        return function(_function_args(template))
     name = _template_name(template)
-    handler = _TEMPLATES.get(name)
-    if handler is None:
-        handler = next((h for prefix, h in _TEMPLATE_PREFIXES if name.startswith(prefix)), None)
-    return handler(template) if handler is not None else ""
+    rule = _TEMPLATES.get(name)
+    if rule is None:
+        rule = next((r for prefix, r in _TEMPLATE_PREFIXES if name.startswith(prefix)), None)
+    return rule(_Args(template)) if rule is not None else ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,41 @@ def test_merged_model_logits_equal_base_plus_adapter_logits(options):
     torch.testing.assert_close(logits(merged, X), with_adapter, rtol=1e-5, atol=1e-5)
 
 
+LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "embed_tokens", "lm_head"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_every_adapter_placement_merges_to_its_logits_or_is_refused_up_front(tied, layer, options):
+    """Named in target_modules or through include_* flags: an adapter either merges into a
+    model with exactly its logits, or apply_lora refuses it in one line before any training
+    (the shared case lora-tied-lm-head: lm_head of a tied model merged ~15 off)."""
+    for cfg in (LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", layer], **options),
+                LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
+                           include_lm_head=layer == "lm_head",
+                           include_embeddings=layer == "embed_tokens", **options)):
+        base = base_model(tie_word_embeddings=tied)
+        if tied and layer in ("embed_tokens", "lm_head"):
+            with pytest.raises(UserError, match=f"lora on '{layer}' needs untied embeddings") as e:
+                apply_lora(base, cfg)
+            assert "\n" not in str(e.value)
+            continue
+        model = apply_lora(base, cfg)
+        randomize_adapter(model)
+        with_adapter = logits(model, X)
+        assert not torch.allclose(with_adapter, logits(base_model(tie_word_embeddings=tied), X), atol=1e-3)
+        torch.testing.assert_close(logits(merge_lora(model), X), with_adapter, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_on_a_tied_layer_is_refused_when_loaded(tmp_path):
+    model = apply_lora(base_model(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    save_adapter(model, tmp_path / "a", base_dir=None)
+    with pytest.raises(UserError, match=r"adapter_config.json: lora on 'lm_head' needs untied"):
+        load_adapter(base_model(tie_word_embeddings=True), tmp_path / "a")
+
+
 def test_optimizer_steps_change_only_lora_parameters():
     model = apply_lora(base_model(), LoraConfig(r=4, dropout=0.1))
     base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}

@@ -18,6 +18,7 @@ LoRA is applied; peft then puts full-precision adapters on top of the quantized 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     include_embeddings: bool = False   # adds "embed_tokens" (a LoRA on the embedding table)
-    include_lm_head: bool = False      # adds "lm_head"
+    include_lm_head: bool = False      # adds "lm_head" (untied models only, as embed_tokens)
     use_rslora: bool = False           # scale by alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
     use_dora: bool = False             # weight-decomposed LoRA (Liu et al. 2024)
 
@@ -94,16 +95,47 @@ def adaptable_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _matches(name: str, target: str) -> bool:
+    # peft's rule for a name in a target list: the module's full name equals it or ends with
+    # "." + it (peft.tuners.tuners_utils.check_target_module_exists).
+    return name == target or name.endswith("." + target)
+
+
 def _check_targets(model: nn.Module, targets: list[str]) -> None:
     # peft only fails when *no* target matches; a typo next to valid names would silently adapt
-    # fewer layers than asked, so each name must match something. peft's rule for a name in a
-    # list: the module's full name equals it or ends with "." + it.
+    # fewer layers than asked, so each name must match something.
     full = [n for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) or _is_4bit(m)]
     for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in full):
+        if not any(_matches(n, t) for n in full):
             raise UserError(f"lora target module {t!r} matches no layer of the model; "
                             f"its layers are {', '.join(adaptable_names(model))}")
+
+
+def _check_untied(model: nn.Module, targets: list[str], where: str) -> None:
+    """Refuse an adapter on a layer whose weight is shared with another layer.
+
+    A tied head and embedding are one tensor. While the adapter is separate only the adapted
+    layer sees its delta, but merging writes the delta into the shared tensor, so the other
+    layer changes too and the merged model no longer computes what was trained (peft#2018:
+    merged logits off by ~15 on a tiny model). Every placement must merge exactly, so such a
+    placement is refused before training, whatever option named the layer.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    for names in owners.values():
+        if len(names) < 2:
+            continue
+        for name in names:
+            hit = next((t for t in targets if _matches(name, t)), None)
+            if hit is not None:
+                others = ", ".join(n for n in names if n != name)
+                raise UserError(f"{where}: lora on {hit!r} needs untied embeddings: {name} shares "
+                                f"its weight with {others} (model.tie_word_embeddings is true), "
+                                "so merging the adapter would change both layers")
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig):
@@ -117,11 +149,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
     if problems:
         raise UserError("; ".join(problems))
     _check_targets(model, cfg.targets())
-    # A tied head shares its tensor with the embedding, so merging a LoRA on either would change
-    # both: such an adapter could be trained but never folded into a plain run.
-    if getattr(model.config, "tie_word_embeddings", False) and (cfg.include_embeddings or cfg.include_lm_head):
-        raise UserError("lora on embed_tokens or lm_head needs untied embeddings "
-                        "(model.tie_word_embeddings is true)")
+    _check_untied(model, cfg.targets(), "lora config")
     training = model.training
     # New dropout layers start in training mode; keep the mode the caller had set.
     return peft.get_peft_model(model, cfg.to_peft()).train(training)
@@ -207,6 +235,10 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     targets = d.get("target_modules")
     if isinstance(targets, list):
         _check_targets(model, targets)
+    saved = d.get("modules_to_save") if isinstance(d.get("modules_to_save"), list) else []
+    if isinstance(targets, str):  # peft's other form: one regex, matched against full names
+        targets = [n for n, _ in model.named_modules() if re.fullmatch(targets, n)]
+    _check_untied(model, (targets if isinstance(targets, list) else []) + saved, str(cfg_path))
     weights = directory / ADAPTER_WEIGHTS
     try:
         state = load_file(str(weights))

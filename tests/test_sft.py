@@ -135,6 +135,80 @@ def test_sft_with_replay_and_padding_runs(base_run, tiny_data, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
 
 
+def short_and_long_answers() -> list[dict]:
+    """Two conversations whose answers differ 7x in trained tokens (3 and 21 with the tiny
+    tokenizer): their mean losses differ, so a step that averages per-micro-batch means instead
+    of tokens gets another loss."""
+    return [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]},
+            {"messages": [{"role": "user", "content": "你好"},
+                          {"role": "assistant", "content": "今天天气很好，我们去公园散步。" * 5}]}]
+
+
+class GradRecorder(torch.optim.SGD):
+    """An optimizer that keeps a copy of the gradients it is given and leaves the weights alone."""
+    made: list = []
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        GradRecorder.made.append(self)
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                      if p.grad is not None]
+
+
+def test_step_loss_and_gradients_are_token_weighted_whatever_the_micro_batch_split(
+        base_run, tmp_path, monkeypatch):
+    """batch 2 x accumulation 1 and batch 1 x accumulation 2 over the same two conversations
+    give the same loss and gradients (fp32): the mean over the step's trained tokens (the shared
+    case sft-grad-accum-weighting: 8.955 vs 11.816 when micro-batches were averaged)."""
+    from babyllama.train import trainer
+    from babyllama.train.sft import run_sft
+
+    data = write_jsonl(tmp_path / "two.jsonl", short_and_long_answers())
+    monkeypatch.setattr(trainer, "build_optimizer", lambda model, cfg: GradRecorder(
+        [p for p in model.parameters() if p.requires_grad]))
+    runs = {}
+    for batch, accum in ((2, 1), (1, 2)):
+        GradRecorder.made.clear()
+        common = ["train.max_steps=1", "sft.val_fraction=0", "train.grad_clip=0", "sft.mode=pad",
+                  "train.precision=fp32", "train.device=cpu", "model.dropout=0"]
+        cfg, given = sft_cfg(base_run, data, tmp_path / f"{batch}x{accum}",
+                             common + [f"train.batch_size={batch}", f"train.grad_accum={accum}"])
+        run = run_sft(cfg, given=given)
+        record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][0]
+        runs[batch, accum] = record, GradRecorder.made[-1].grads
+    (one, g_one), (split, g_split) = runs[2, 1], runs[1, 2]
+    assert one["tokens"] == split["tokens"] == 24
+    assert split["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    for a, b in zip(g_one, g_split, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_two_ddp_processes_weight_tokens_like_one_process(base_run, tmp_path):
+    """Across ranks too: rank 0 gets the 1-token answer, rank 1 the long one; the step's loss
+    and gradient norm are those of one process holding both."""
+    import sys
+
+    data = write_jsonl(tmp_path / "two.jsonl", short_and_long_answers())
+    common = ["--base", str(base_run), "--data", data, "--mode", "pad", "train.max_steps=1",
+              "sft.val_fraction=0", "train.grad_clip=0", "train.device=cpu", "train.precision=fp32",
+              "train.log_every=1", "train.sample_prompts=[]", "model.dropout=0"]
+    one = run_cli("sft", *common, "-o", str(tmp_path / "one"), "train.batch_size=2")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "babyllama.cli", "sft", *common, "-o", str(tmp_path / "two"), "train.batch_size=1"],
+        env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()][0]
+            for r in ("one", "two"))
+    assert a["tokens"] == b["tokens"] == 24
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
 def run_cli(*args, input=None):
     return subprocess.run(babyllama_cmd() + list(args), env=cli_env(), capture_output=True, text=True,
                           input=input, timeout=300)

@@ -252,9 +252,12 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-                last_only: bool = False, position_ids: torch.Tensor | None = None):
-        """Logits for every position (or only the last), and the mean cross-entropy if `targets`.
-        Targets equal to -100 are ignored in the loss; the other arguments are those of
+                last_only: bool = False, position_ids: torch.Tensor | None = None,
+                loss_reduction: str = "mean"):
+        """Logits (B, T, vocab) for every position (or (B, 1, vocab), only the last), and the
+        cross-entropy over `targets` (B, T) if given: its mean over the target tokens, or with
+        `loss_reduction="sum"` their sum in nats (0 when no token is a target, where the mean
+        would be NaN). Targets equal to -100 are ignored; the other arguments are those of
         `hidden_states`."""
         x = self.hidden_states(input_ids, cache, attn_mask, position_ids)
         if last_only:
@@ -264,7 +267,7 @@ class Llama(nn.Module):
         if targets is not None:
             # Cross-entropy in fp32: a bf16 log-softmax over tens of thousands of classes is noisy.
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction=loss_reduction)
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,

@@ -173,11 +173,20 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     bad_in_a_row = 0
     window_t0, window_tokens = time.perf_counter(), 0
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    # Micro-steps backpropagate loss sums divided by this constant (the same on every rank and
+    # micro-step, or the rescaling below would not be exact); a micro-batch's positions keep the
+    # backward's magnitudes those of a mean loss, which fp16 loss scaling relies on.
+    norm = t.batch_size * t.seq_len
 
     for step in range(start_step, t.max_steps):
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # The step's loss is the mean over ALL its target tokens, however they are split into
+        # micro-batches and ranks. A mean per micro-batch, averaged, would weight a micro-batch
+        # of 2 answer tokens like one of 500 (the bug transformers, torchtune and nanochat fixed
+        # in 2024). Each micro-step backpropagates its loss *sum* / `norm`; once the step's
+        # target count is known (all ranks), the gradients are rescaled to the mean.
         # [loss sum, target count]: one tensor, so DDP reduces (and the host reads) both at once.
         sums = torch.zeros(2, dtype=torch.float32, device=device)  # (no float64 on MPS)
         for micro in range(t.grad_accum):
@@ -187,21 +196,26 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             sync = micro == t.grad_accum - 1
             no_sync = ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
             with no_sync, autocast_context(precision, device):
-                _, loss = forward_model(x, y, **extra)
-            scaled = loss / t.grad_accum
+                _, loss_sum = forward_model(x, y, loss_reduction="sum", **extra)
+            scaled = loss_sum / norm
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            sums[0] += loss.detach().float()
+            sums[0] += loss_sum.detach().float()
             sums[1] += (y != -100).sum()
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         loss_total, step_tokens = all_reduce_sum(sums, info).tolist()
-        loss_value = loss_total / (t.grad_accum * info.world_size)
         step_tokens = int(step_tokens)
+        # DDP averaged the gradients over ranks: x world_size gives their sum, / tokens the mean.
+        # No target at all (possible only with hand-made data) makes the step non-finite: skipped.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, norm * info.world_size / step_tokens if step_tokens else math.nan)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss_value = loss_total / step_tokens if step_tokens else math.nan
         norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if scaler is not None:
-            scaler.step(optimizer)  # skips the update by itself on inf/nan gradients
+            if step_tokens:
+                scaler.step(optimizer)  # skips the update by itself on inf/nan gradients
             scaler.update()
         elif finite:
             optimizer.step()

@@ -146,6 +146,9 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert gen.stdout.startswith("今天") and len(gen.stdout.strip()) > 2
     again = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12"])
     assert again.stdout == gen.stdout  # greedy is deterministic
+    left = run(["generate", out, "--prompt", "今天", "--temperature", "0", "--max-new-tokens", "12",
+                "--truncate-left"])
+    assert left.stdout == gen.stdout  # a prompt that fits is never cut
     both = run(["generate", out, "--prompt", "今天", "--prompt", "中国", "--temperature", "0",
                 "--max-new-tokens", "12"])  # one batch, the same greedy text per prompt
     assert both.returncode == 0 and both.stdout.splitlines()[0] == gen.stdout.splitlines()[0]

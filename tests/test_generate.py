@@ -194,6 +194,27 @@ def test_generation_stops_at_the_context_end_and_long_prompts_are_refused_or_cut
     assert decode(model, [[3]], max_new_tokens=0).tokens == [[]]
 
 
+@pytest.mark.parametrize("max_new_tokens", [60, 128, 500])
+def test_truncate_left_never_cuts_a_prompt_that_fits(pair, max_new_tokens):
+    # A 16-token prompt in a 128-token context: with or without truncate="left" it is kept
+    # whole and generation stops at the context (the shared case truncate-left-fitting-prompt).
+    model, _ = pair
+    prompt = list(range(1, 17))
+    plain = decode(model, [prompt], temperature=0, max_new_tokens=max_new_tokens)
+    left = decode(model, [prompt], temperature=0, max_new_tokens=max_new_tokens, truncate="left")
+    assert left.prompt_lengths == plain.prompt_lengths == [16]
+    assert left.tokens == plain.tokens
+    assert len(left.tokens[0]) == min(max_new_tokens, 128 - 16)
+    assert left.finish_reasons == ["length"]
+
+
+def test_truncate_left_keeps_at_least_half_the_context_of_a_too_long_prompt(pair):
+    # max_new_tokens >= context once shrank the prompt to its last token (BOS and question lost).
+    model, _ = pair
+    cut = decode(model, [list(range(1, 200))], temperature=0, max_new_tokens=500, truncate="left")
+    assert cut.prompt_lengths == [64] and len(cut.tokens[0]) == 64
+
+
 def test_settings_are_validated_with_clear_messages():
     with pytest.raises(UserError, match="unknown generation setting.*top_n"):
         generation_config({"top_n": 5})

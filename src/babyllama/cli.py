@@ -234,7 +234,8 @@ def sampling_kwargs(args) -> dict:
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
-                length_penalty=args.length_penalty, stop=tuple(args.stop or ()), seed=args.seed,
+                length_penalty=args.length_penalty, stop=tuple(args.stop or ()),
+                stop_token_ids=tuple(args.stop_token_id or ()), seed=args.seed,
                 truncate="left" if args.truncate_left else "error")
 
 
@@ -252,9 +253,15 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, tem
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
     g.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam search")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (may be repeated)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (may be repeated); a control token's text such as '<|im_end|>' "
+                        "stops at that token")
+    g.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
+                   help="stop when this token id is generated (may be repeated)")
     g.add_argument("--truncate-left", action="store_true",
-                   help="drop a too-long prompt's oldest tokens instead of stopping with an error")
+                   help="a prompt that leaves no room for a new token loses its oldest tokens (keeping room "
+                        "for --max-new-tokens, at least half the context) instead of stopping with "
+                        "an error; a prompt that fits is never cut")
     g.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from babyllama.errors import UserError
 from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig, generation_config
+from babyllama.infer.engine import prompt_budget
 from babyllama.infer.generate import eval_mode, stream
 from babyllama.tokenizer.chat_template import encode_chat, fit_chat, stop_token_ids
 
@@ -56,8 +57,7 @@ def stream_chat(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *
     """The assistant's answer to `messages` as text pieces."""
     check_messages(messages)
     context = model.config.max_position_embeddings
-    # Leave room for the answer, but never less than half the context for the prompt.
-    budget = max(context // 2, context - cfg.max_new_tokens)
+    budget = prompt_budget(context, cfg.max_new_tokens)
     ids, _ = prompt_ids(tokenizer, messages, budget=budget, document=document, template=template)
     yield from stream(model, tokenizer, ids, cfg, stop_ids=stop_token_ids(tokenizer))
 

@@ -26,9 +26,10 @@ class GenerationConfig:
     early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
     num_return_sequences: int = 1     # samples (or best beams) per prompt, from one prefill
     stop: tuple[str, ...] = ()        # stop strings: the text ends before the first one found
+                                      # (a control token's text, "<|im_end|>", stops at that token)
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's end-of-text tokens
     seed: int | None = None           # reproducible sampling (the global RNG is left alone)
-    truncate: str = "error"           # "left": drop a too-long prompt's oldest tokens
+    truncate: str = "error"           # "left": a prompt longer than the context loses its oldest tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +64,8 @@ class GenerationConfig:
                        f"num_beams ({self.num_beams})")
         if self.truncate not in ("error", "left"):
             out.append(f"truncate must be 'error' or 'left', got {self.truncate!r}")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
+            out.append(f"stop token ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             out.append(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         return out

@@ -20,9 +20,20 @@ from babyllama.infer.config import GenerationConfig
 from babyllama.infer.logits import History, process_logits
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """How many tokens a prompt that must be shortened keeps: room for `max_new_tokens`, but
+    never less than half the context (a prompt cut to a handful of tokens would be answered as
+    a different question). Chat histories and `truncate="left"` share this rule."""
+    return max(context // 2, context - max_new_tokens)
+
+
 def fit_prompts(prompts: list[list[int]], context: int, cfg: GenerationConfig) -> list[list[int]]:
-    """Check every prompt fits the context (or cut its oldest tokens when cfg.truncate == "left",
-    keeping room for max_new_tokens)."""
+    """Check every prompt fits the context: at least one new token must fit after it.
+
+    A prompt that fits is never changed, however many new tokens are asked for (generation then
+    stops at the context, finish_reason "length"). One that does not fit is an error, or with
+    cfg.truncate == "left" loses its oldest tokens down to `prompt_budget`.
+    """
     out = []
     for i, p in enumerate(prompts):
         name = f"prompt {i}" if len(prompts) > 1 else "the prompt"
@@ -33,8 +44,7 @@ def fit_prompts(prompts: list[list[int]], context: int, cfg: GenerationConfig) -
                 raise UserError(f"{name} has {len(p)} tokens; the model's context is {context} "
                                 "(shorten it, or have its oldest tokens dropped: truncate='left', "
                                 "--truncate-left)")
-        if cfg.truncate == "left":
-            p = p[-max(1, context - cfg.max_new_tokens):]
+            p = p[-prompt_budget(context, cfg.max_new_tokens):]
         out.append(list(p))
     return out
 

@@ -1,7 +1,8 @@
 """Text in, text out, on top of the engine: prompts are encoded with BOS, new tokens become text
 pieces that never split a character, stop strings end a row as soon as its text contains one
-(even when it spans several tokens), and a streamed piece never shows the start of a stop
-string that may still complete.
+(even when it spans several tokens), a stop string that is a control token (`<|im_end|>`)
+stops at that token, and a streamed piece never shows the start of a stop string that may
+still complete.
 
     stream(model, tokenizer, ids, cfg)          -> iterator of text pieces (one prompt)
     complete(model, tokenizer, [ids, ...], cfg) -> [Completion] (batched; beams; n samples)
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from babyllama.errors import UserError
 from babyllama.infer.beam import beam_search
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.engine import Decoder, fit_prompts
@@ -120,6 +122,33 @@ class TextRow:
         return out + self.stops.flush()
 
 
+def resolve_stops(tokenizer, cfg: GenerationConfig) -> GenerationConfig:
+    """`cfg` with every stop string that is a control token's text (`<|im_end|>`, `</s>`) moved
+    to `stop_token_ids`.
+
+    Control tokens are never part of the decoded text (they are skipped), so as a string such
+    a stop could never match: vllm-project/vllm#2123, LostRuins/koboldcpp#791. As a token id
+    it ends the row the moment the model emits it, as EOS does. A stop string that holds a
+    control token next to other text could never match either, so it is refused. Raises
+    UserError also for a stop token id outside the vocabulary."""
+    ids = list(cfg.stop_token_ids)
+    for i in ids:
+        if not 0 <= i < tokenizer.vocab_size:
+            raise UserError(f"stop token id {i} is outside the vocabulary (ids 0..{tokenizer.vocab_size - 1})")
+    texts = []
+    for s in cfg.stop:
+        if s in tokenizer.control_tokens:
+            ids.append(tokenizer.control_tokens[s])
+            continue
+        inner = tokenizer.control_pattern.search(s) if tokenizer.control_pattern else None
+        if inner:
+            raise UserError(f"stop string {s!r} holds the control token {inner.group()!r} with other "
+                            f"text; control tokens never appear in the text, so give "
+                            f"{inner.group()!r} as a stop of its own (it then stops at that token)")
+        texts.append(s)
+    return dataclasses.replace(cfg, stop=tuple(texts), stop_token_ids=tuple(dict.fromkeys(ids)))
+
+
 def end_ids(tokenizer) -> tuple[int, ...]:
     """Tokens that end a plain completion: the tokenizer's EOS."""
     return (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
@@ -130,6 +159,7 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
     """The continuation of one prompt as text pieces (beam search yields its best hypothesis
     whole, at the end)."""
     stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
+    cfg = resolve_stops(tokenizer, cfg)
     if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
         one = dataclasses.replace(cfg, num_return_sequences=1)
         yield complete(model, tokenizer, [prompt_ids], one, stop_ids)[0].text
@@ -154,6 +184,7 @@ def complete(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
              stop_ids: tuple[int, ...] | None = None) -> list[Completion]:
     """Completions of every prompt, `cfg.num_return_sequences` per prompt (prompt-major)."""
     stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
+    cfg = resolve_stops(tokenizer, cfg)
     prompts = fit_prompts(prompts, model.config.max_position_embeddings, cfg)
     if cfg.num_beams > 1:
         out = []

@@ -49,15 +49,19 @@ def test_special_tokens_take_the_first_ids_in_order(tok):
         assert tok.special_token_ids[role] == i
         assert tok.token_to_id(token) == i
         assert tok.id_to_token(i) == token
-        assert tok.encode(token) == [i]
+        assert tok.encode(token, parse_special=True) == [i]
+        assert i not in tok.encode(token) and tok.decode(tok.encode(token)) == token  # text stays text
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (0, 1, 2, 3)
     assert tok.pad_id not in (tok.bos_id, tok.eos_id)
     assert tok.special_tokens == SPECIAL_TOKENS
     assert tok.vocab_size == 1000
 
 
-def test_special_tokens_inside_text_are_single_ids(tok):
-    ids = tok.encode("<|im_start|>user\n你好<|im_end|>")
+def test_special_tokens_are_single_ids_only_when_our_code_asks(tok):
+    text = "<|im_start|>user\n你好<|im_end|>"
+    plain = tok.encode(text)  # text that spells control tokens stays text
+    assert not set(plain) & set(tok.special_token_ids.values()) and tok.decode(plain) == text
+    ids = tok.encode(text, parse_special=True)
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == tok.token_to_id("<|im_end|>")
     assert tok.decode(ids) == "user\n你好"
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\n你好<|im_end|>"
@@ -141,7 +145,8 @@ def test_plain_tokenizer_json_without_specials_gets_them_appended(tmp_path):
     assert loaded.unk_id is None  # byte-level: nothing could produce an unk
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (size, size + 1, size + 2)
     assert loaded.vocab_size == size + len(SPECIAL_TOKENS) - 1
-    assert loaded.encode("你好</s>")[-1] == loaded.eos_id
+    assert loaded.encode("你好</s>", parse_special=True)[-1] == loaded.eos_id
+    assert loaded.eos_id not in loaded.encode("你好</s>")
 
 
 def test_vocab_too_small_is_a_user_error():
@@ -177,8 +182,10 @@ def test_transformers_fast_tokenizer_gives_the_same_ids(tok, tmp_path):
     tok.save(tmp_path)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     for text in ROUND_TRIP + ["<|im_start|>user\n你好<|im_end|>"]:
-        assert fast.encode(text, add_special_tokens=False) == tok.encode(text)
-        assert fast.encode(text) == tok.encode(text)  # no hidden post-processor adds bos
+        assert fast.encode(text, add_special_tokens=False) == tok.encode(text, parse_special=True)
+        assert fast.encode(text) == tok.encode(text, parse_special=True)  # no post-processor adds bos
+        # transformers' own switch for "special-token text is text" gives our plain encoding.
+        assert fast.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text)
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert auto.encode(ROUND_TRIP[0], add_special_tokens=False) == tok.encode(ROUND_TRIP[0])
@@ -215,7 +222,9 @@ def test_sentencepiece_keeps_its_ids_and_appends_missing_specials(name):
     assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
 
     chat = "<|im_start|>user\n你好<|im_end|>"
-    ids = tok.encode(chat, add_bos=True)
+    assert tok.decode(tok.encode(chat)) == chat  # as text, the markers stay text
+    assert not set(tok.encode("<s>你好</s>" + chat)) & set(tok.special_token_ids.values())
+    ids = tok.encode(chat, add_bos=True, parse_special=True)
     assert ids[:2] == [tok.bos_id, tok.token_to_id("<|im_start|>")]
     assert ids[-1] == tok.token_to_id("<|im_end|>")
     assert tok.decode(ids) == "user\n你好"
@@ -229,7 +238,7 @@ def test_chatglm2_has_no_pad_so_one_is_appended():
     assert sp.pad_id() == -1 and sp.get_piece_size() == 64789
     tok = Tokenizer.load(path)
     assert tok.pad_id == 64789  # the first appended id
-    assert tok.encode("<pad>") == [64789]
+    assert tok.encode("<pad>", parse_special=True) == [64789]
 
 
 def test_chinese_llama2_pad_comes_from_its_special_tokens_map():

@@ -13,6 +13,7 @@ builds (same options, globals and `tojson`), with our own tracker for the genera
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from contextvars import ContextVar
@@ -312,10 +313,68 @@ class ChatEncoding:
     spans: list[tuple[int, int]]   # [start, end) token range of each generation block, in order
 
 
+# Stand-in for a control token's text inside message content while finding which control tokens
+# the template wrote (a Unicode private-use character: no template writes one).
+_MASK = "\ue000"
+
+
+def _masked(value, pattern: re.Pattern):
+    """`value` (messages, a document) with every control token's text in its strings replaced
+    by as many _MASK characters."""
+    if isinstance(value, str):
+        return pattern.sub(lambda m: _MASK * len(m.group()), value)
+    if isinstance(value, dict):
+        return {k: _masked(v, pattern) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(v, pattern) for v in value]
+    return value
+
+
+def template_controls(tokenizer, source: str, text: str, messages: list[dict],
+                      document: str | None, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """The [start, end) character ranges of `text` (the rendered conversation) holding control
+    tokens that the template wrote, in order. Control-token text inside messages or the
+    document is left out: it stays text (a user message cannot open a fake system turn,
+    huggingface/transformers#29279).
+
+    The conversation is rendered again with that text masked in messages and document; a control
+    token of `text` is the template's when the masked render has it at the same place (found
+    through difflib's alignment when a template changes the content's length)."""
+    pattern = tokenizer.control_pattern
+    if pattern is None:
+        return []
+    found = [m.span() for m in pattern.finditer(text)]
+    if not found or not any(pattern.search(s) for s in _strings([messages, document])):
+        return found
+    masked, _ = render(source, _masked(messages, pattern), document=_masked(document, pattern),
+                       add_generation_prompt=add_generation_prompt,
+                       special_tokens=tokenizer.special_tokens)
+    if len(masked) == len(text):
+        return [(a, b) for a, b in found if masked[a:b] == text[a:b]]
+    blocks = difflib.SequenceMatcher(None, text, masked, autojunk=False).get_matching_blocks()
+    return [(a, b) for a, b in found
+            if any(i <= a and b <= i + n and masked[j + a - i:j + b - i] == text[a:b]
+                   for i, j, n in blocks)]
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
                 add_generation_prompt: bool = False, template: str | None = None) -> ChatEncoding:
     """Render and encode a conversation. `template`: anything `resolve_template` takes; None
-    means the tokenizer's own chat template, else the default preset."""
+    means the tokenizer's own chat template, else the default preset.
+
+    Control tokens come from the template only: `<|im_end|>` typed inside a message is encoded
+    as text (`template_controls`)."""
     source = resolve_template(template or tokenizer.chat_template or DEFAULT_TEMPLATE)
     text, char_spans = render(source, messages, document=document,
                               add_generation_prompt=add_generation_prompt,
@@ -338,11 +397,19 @@ def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
             raise UserError("chat template: {% generation %} blocks must not nest or overlap")
         cuts += [start, end]
     cuts.append(len(text))
-    segments = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    controls = template_controls(tokenizer, source, text, messages, document, add_generation_prompt)
+    # Each segment (context, generation, context, ...) splits further into text pieces and the
+    # template's control tokens; all text pieces are encoded in one batch.
+    segments = []
+    for a, b in zip(cuts, cuts[1:]):
+        inside = [(s - a, e - a) for s, e in controls if a <= s and e <= b]
+        segments.append(tokenizer.split_controls(text[a:b], inside))
+    encoded = iter(tokenizer.encode_batch([p for seg in segments for p in seg if isinstance(p, str)]))
     ids: list[int] = []
     mask: list[bool] = []
     spans: list[tuple[int, int]] = []
-    for k, seg_ids in enumerate(tokenizer.encode_batch(segments)):
+    for k, seg in enumerate(segments):
+        seg_ids = [i for p in seg for i in ([p] if isinstance(p, int) else next(encoded))]
         trained = k % 2 == 1  # segments alternate: context, generation, context, ...
         if trained:
             spans.append((len(ids), len(ids) + len(seg_ids)))

@@ -9,6 +9,14 @@ read from the tokenizer: seed 3 lost time to a tokenizer whose pad was not where
 Rule for loaded tokenizers: their own ids are kept; any of our special tokens they lack is
 appended after their last id (the unk role is the exception: a byte-level tokenizer has no
 use for one, so `unk_id` may be None).
+
+Control tokens (`<s>`, `</s>`, `<|im_end|>`, ...) come only from our own code -- BOS/EOS
+wrapping and chat templates -- never from text: `encode` treats text that merely spells one as
+ordinary characters, so a corpus that writes `<s>` for strike-through keeps it as text, a user
+cannot close their own chat turn by typing `<|im_end|>`, and every string round-trips.
+(transformers, like `tokenizers` by default, matches special tokens anywhere in the input:
+huggingface/transformers#29279, huggingface/tokenizers#1850.) Text our own code builds with
+control tokens in it is encoded with `parse_special=True`.
 """
 
 from __future__ import annotations
@@ -55,13 +63,15 @@ _HF_NAMED_ROLES = ("bos", "eos", "pad", "unk")
 
 class _HFBackend:
     """HF `tokenizers.Tokenizer`. Special tokens are registered as *special added tokens*, so
-    the encoder never splits them and `decode(skip_special_tokens=True)` drops them."""
+    `decode(skip_special_tokens=True)` drops them; `encode_special_tokens` makes the encoder
+    treat their text as ordinary text (it is a runtime flag: tokenizer.json does not store it)."""
 
     kind = "hf-bpe"
     file_name = HF_FILE
 
     def __init__(self, tk):
         self.tk = tk
+        tk.encode_special_tokens = True
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
         self._batch = getattr(tk, "encode_batch_fast", tk.encode_batch)
 
@@ -87,6 +97,9 @@ class _HFBackend:
             for i, t in sorted(self.tk.get_added_tokens_decoder().items())
         ]
 
+    def control_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+
     # add_special_tokens=False everywhere: a loaded tokenizer.json may carry a post-processor
     # that adds bos itself; `Tokenizer.encode(add_bos=...)` is the one place that decides.
     def encode(self, text: str) -> list[int]:
@@ -105,11 +118,13 @@ class _HFBackend:
 class _SentencePieceBackend:
     """A SentencePiece model plus special tokens appended after its last piece.
 
-    SentencePiece cannot learn new pieces after training, so the appended specials live here:
-    `encode` splits the text on every special-token string, encodes the pieces between them
-    with SentencePiece and inserts the special ids (what transformers' LlamaTokenizer does).
-    One consequence worth knowing: each piece between specials is encoded on its own, so
-    models with a dummy-prefix normalizer (Llama) see "▁user" after `<|im_start|>`.
+    SentencePiece cannot learn new pieces after training, so the appended specials live here,
+    and `decode` puts their text back (or skips it). `encode` sees text only: SentencePiece
+    never matches a control piece (`<s>`, `</s>`) from text, and the appended ones are
+    inserted by `Tokenizer` itself (`parse_special=True`), between separately encoded pieces
+    as transformers' LlamaTokenizer does. One consequence worth knowing: each piece between
+    specials is encoded on its own, so models with a dummy-prefix normalizer (Llama) see
+    "▁user" after `<|im_start|>`.
     """
 
     kind = "sentencepiece"
@@ -120,7 +135,6 @@ class _SentencePieceBackend:
         self.base_size = sp.get_piece_size()
         self.appended: list[str] = []  # ids base_size, base_size + 1, ...
         self.special_ids: dict[int, str] = {}
-        self._split = None
 
     @property
     def vocab_size(self) -> int:
@@ -144,9 +158,6 @@ class _SentencePieceBackend:
             if self.token_to_id(t) is None:
                 self.appended.append(t)
             self.special_ids[self.token_to_id(t)] = t
-        # Longest first so that one special token that prefixes another cannot win.
-        alternatives = sorted(set(self.special_ids.values()), key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
 
     def added_tokens(self) -> list[dict]:
         return [
@@ -154,29 +165,15 @@ class _SentencePieceBackend:
             for k, t in enumerate(self.appended)
         ]
 
-    def _segments(self, text: str) -> list[str]:
-        # re.split with one capture group alternates [text, special, text, special, ..., text].
-        return self._split.split(text) if self._split else [text]
+    def control_tokens(self) -> dict[str, int]:
+        return {t: i for i, t in self.special_ids.items()}
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+        return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Encode every between-specials piece of every text in ONE SentencePiece batch call
-        # (it runs them on several threads), then stitch the results back together.
-        split = [self._segments(t) for t in texts]
-        plain = [seg for segs in split for seg in segs[0::2] if seg]
-        encoded = iter(self.sp.encode(plain) if plain else [])
-        out = []
-        for segs in split:
-            ids: list[int] = []
-            for k, seg in enumerate(segs):
-                if k % 2:
-                    ids.append(self.token_to_id(seg))
-                elif seg:
-                    ids.extend(next(encoded))
-            out.append(ids)
-        return out
+        # One SentencePiece batch call: it runs the texts on several threads.
+        return self.sp.encode(texts) if texts else []
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         parts: list[str] = []
@@ -216,6 +213,12 @@ class Tokenizer:
         }
         self.chat_template = chat_template
         self.pretokenizer = pretokenizer  # name used by train_tokenizer, None when loaded
+        # Text -> id of every control token: the roles' tokens and any other special token a
+        # loaded tokenizer.json declares (Qwen's <|endoftext|>, ...). Longest first, so a
+        # token that prefixes another cannot win.
+        self.control_tokens: dict[str, int] = backend.control_tokens()
+        alternatives = sorted(self.control_tokens, key=len, reverse=True)
+        self.control_pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
     # -- ids ---------------------------------------------------------------------------
     @property
@@ -257,12 +260,44 @@ class Tokenizer:
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._wrap(self._backend.encode(text), add_bos, add_eos)
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               parse_special: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS/EOS around it if asked.
 
-    def encode_batch(self, texts: Iterable[str], add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
-        return [self._wrap(ids, add_bos, add_eos) for ids in self._backend.encode_batch(list(texts))]
+        Text that spells a control token (`</s>`, `<|im_end|>`) is encoded as the characters it
+        is, unless `parse_special` is true: then each control token's text becomes its id. Use
+        that only for text our own code builds (a rendered template), never for corpus or user
+        text (see the module docstring)."""
+        return self.encode_batch([text], add_bos, add_eos, parse_special)[0]
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = False, add_eos: bool = False,
+                     parse_special: bool = False) -> list[list[int]]:
+        """`encode` of each text, in one backend call."""
+        texts = list(texts)
+        if not parse_special or self.control_pattern is None:
+            return [self._wrap(ids, add_bos, add_eos) for ids in self._backend.encode_batch(texts)]
+        pieces = [self.split_controls(t) for t in texts]
+        plain = iter(self._backend.encode_batch([p for ps in pieces for p in ps if isinstance(p, str)]))
+        return [self._wrap([i for p in ps for i in ([p] if isinstance(p, int) else next(plain))],
+                           add_bos, add_eos) for ps in pieces]
+
+    def split_controls(self, text: str, spans: Iterable[tuple[int, int]] | None = None) -> list[str | int]:
+        """`text` as a list of plain-text pieces (str) and control token ids (int).
+
+        `spans`: the [start, end) character ranges of `text` that are control tokens; None
+        means every occurrence of a control token's text."""
+        if spans is None:
+            spans = [m.span() for m in self.control_pattern.finditer(text)] if self.control_pattern else []
+        out: list[str | int] = []
+        at = 0
+        for start, end in spans:
+            if start > at:
+                out.append(text[at:start])
+            out.append(self.control_tokens[text[start:end]])
+            at = end
+        if at < len(text):
+            out.append(text[at:])
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Never raises on a prefix of valid ids (streaming): an incomplete UTF-8 sequence at

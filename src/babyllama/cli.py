@@ -12,6 +12,7 @@ from pathlib import Path
 
 from babyllama.errors import UserError
 from babyllama.infer.config import CHAT_DEFAULTS
+from babyllama.textfile import read_text
 
 SOURCES_HELP = ("text sources: .txt (a document per line), .jsonl/.json, .parquet, .csv, a directory "
                 "of those, or builtin:peoples-daily / builtin:reviews")
@@ -113,7 +114,7 @@ def cmd_clean(args) -> None:
         text_field=args.text_field)
     report = clean(args.inputs, args.out, cfg)
     out = Path(args.out)
-    md = (out / "_report.md").read_text(encoding="utf-8")
+    md = read_text(out / "_report.md")
     print(md.split("## Examples removed")[0].rstrip())
     print(f"-> {out} ({', '.join(report['shards'])}; _report.md, _report.json with examples)")
 
@@ -335,15 +336,11 @@ def cmd_chat(args) -> None:
 
 
 def read_document(path: str) -> str:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    """A reference document for chat (`--doc`, `/doc`): the file's text, BOM and surrounding
+    whitespace removed."""
+    text = read_text(path).strip()
     if not text:
-        raise UserError(f"{p}: the document is empty")
+        raise UserError(f"{path}: the document is empty")
     return text
 
 

@@ -21,6 +21,7 @@ import yaml
 from babyllama.errors import UserError
 from babyllama.lora import LoraConfig
 from babyllama.model.llama import ModelConfig
+from babyllama.textfile import read_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -251,10 +252,10 @@ def apply_values(obj, values: dict, prefix: str = "", source: str = "command lin
 
 
 def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such config file") from None
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -16,7 +16,6 @@ Llama directory (config.json + model.safetensors + tokenizer files).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig, generation_c
 from babyllama.infer.engine import prepare_for_decoding
 from babyllama.infer.generate import Completion, complete, encode_prompt, stream
 from babyllama.model.llama import Llama, ModelConfig
+from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.checkpoint import load_weights
 from babyllama.train.distributed import pick_device
@@ -43,7 +43,7 @@ HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 
 
 def model_config_from_hf(path: Path) -> ModelConfig:
-    d = json.loads(path.read_text(encoding="utf-8"))
+    d = read_json_object(path, "config.json")
     if d.get("model_type") != "llama":
         raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}

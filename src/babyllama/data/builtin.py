@@ -142,7 +142,7 @@ def iter_peoples_daily(path: Path) -> Iterator[str]:
     paragraphs: list[str] = []
     current_id = None
     previous_was_headline = False
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             article, text = untag(line)
             if not text.strip():
@@ -171,7 +171,7 @@ def iter_reviews(pos_path: Path, neg_path: Path) -> Iterator[str]:
     Interleaving rather than concatenating keeps both kinds in every part of the stream, so a
     hashed validation split or a truncated run sees a balanced sample.
     """
-    with open(pos_path, encoding="utf-8") as pos, open(neg_path, encoding="utf-8") as neg:
+    with open(pos_path, encoding="utf-8-sig") as pos, open(neg_path, encoding="utf-8-sig") as neg:
         for pair in zip_longest(pos, neg):
             for line in pair:
                 if line is not None and line.strip():

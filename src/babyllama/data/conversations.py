@@ -67,6 +67,7 @@ from babyllama.data import sft_augment
 from babyllama.data.readers import BUILTIN_PREFIX, BadRecords, _decoded_lines, _json_type, \
     _open_binary, _Reporter
 from babyllama.errors import UserError
+from babyllama.textfile import read_text
 
 
 @dataclass
@@ -286,20 +287,9 @@ def _jsonl_records(path: Path):
                 yield where, _Unreadable(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _read_text(path: Path) -> str:
-    with _open_binary(path) as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8: byte 0x{data[e.start]:02x} at byte offset "
-                        f"{e.start}; re-encode the file as UTF-8") from None
-
-
 def _json_records(path: Path, split: str | None):
     # A .json file is one value and has to be loaded whole; large sets should be .jsonl.
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         return
     try:
@@ -358,7 +348,7 @@ def _yml_records(path: Path, split: str | None):
     except ImportError:
         raise UserError(f"{path}: reading YAML needs PyYAML: pip install pyyaml") from None
     try:
-        root = yaml.compose(_read_text(path), Loader=yaml.BaseLoader)
+        root = yaml.compose(read_text(path), Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

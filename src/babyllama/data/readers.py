@@ -124,20 +124,6 @@ def require_documents(documents: Iterable[str], sources,
         raise UserError(f"empty corpus: {names} holds no non-empty documents{skipped}")
 
 
-def read_utf8(path: Path) -> str:
-    """A whole (small) file as text; a UTF-8 BOM, as Excel writes, is dropped. Bad bytes are
-    one line naming the file and the line they are on."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-
-
 def _files_in(directory: Path) -> list[Path]:
     """Supported files below a directory, sorted so the document order is reproducible.
     Hidden files and, as in Hadoop/Spark output folders, files starting with "_" (metadata such

@@ -35,6 +35,7 @@ import numpy as np
 from babyllama.atomic import replace_dir
 from babyllama.data.readers import BadRecords, as_source_list, iter_sources, require_documents
 from babyllama.errors import UserError
+from babyllama.textfile import read_json_object
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -429,10 +430,7 @@ def _read_meta(directory: Path) -> dict:
     if not meta_path.is_file():
         raise UserError(f"{directory}: not a prepared dataset: {META_FILE} is missing "
                         f"(run the prepare step on your corpus first)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path}:1: unreadable: {e}") from None
+    meta = read_json_object(meta_path)
     for key in ("dtype", "vocab_size", "splits"):
         if key not in meta:
             raise UserError(f"{meta_path}:1: missing key '{key}'; prepare the data again")

@@ -29,11 +29,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from babyllama.data.readers import read_utf8
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model, score_requests
+from babyllama.textfile import read_text
 
 LETTERS = "ABCDEFGHIJ"  # 2 to 10 options
 
@@ -173,7 +173,7 @@ def csv_columns(path: Path, header: list[str]) -> tuple[int, int, list[int]]:
 
 
 def read_csv(path: Path, subject: str) -> list[Question]:
-    rows = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    rows = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(rows, None)
         if header is None:
@@ -201,7 +201,7 @@ def read_csv(path: Path, subject: str) -> list[Question]:
 
 def read_jsonl(path: Path, subject: str) -> list[Question]:
     questions = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         at = where(path, n)
@@ -246,7 +246,7 @@ def by_subject(questions: list[Question]) -> dict[str, list[Question]]:
 def has_answers(folder: Path) -> bool:
     """Whether a split's first CSV gives an answer for its first question (C-Eval's test split
     has an empty or no answer column)."""
-    rows = csv.reader(io.StringIO(read_utf8(min(folder.glob("*.csv"))), newline=""))
+    rows = csv.reader(io.StringIO(read_text(min(folder.glob("*.csv"))), newline=""))
     names = [h.strip().lower() for h in next(rows, [])]
     row = next(rows, [])
     col = names.index("answer") if "answer" in names else len(row)

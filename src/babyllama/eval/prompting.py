@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.generate import Completion, complete, encode_prompt, end_ids, eval_mode
+from babyllama.textfile import read_text
 from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 
 
@@ -27,7 +28,7 @@ def run_uses_chat(run_dir: str | Path) -> bool:
 
         return read_run_config(path).stage == "sft"
     cfg = path / "tokenizer_config.json"
-    return cfg.exists() and '"chat_template"' in cfg.read_text(encoding="utf-8")
+    return cfg.exists() and '"chat_template"' in read_text(cfg)
 
 
 def prompt_ids(tokenizer, turns: list[tuple[str, str]], question: str, *, chat: bool,

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from babyllama.data.readers import read_utf8
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model
 from babyllama.infer.config import GenerationConfig, changed_settings
+from babyllama.textfile import read_text
 
 LEVELS = ("char", "word")
 DEFAULT_TEMPLATE = "{text}\n摘要："
@@ -174,7 +174,7 @@ def is_header(row: list[str], source_field: str | None, target_field: str | None
 
 def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
     rows = [(i, line.rstrip("\r").split("\t"))
-            for i, line in enumerate(read_utf8(path).split("\n"), 1) if line.strip()]
+            for i, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
     if not rows:
         return []
     line, first = rows[0]
@@ -209,7 +209,7 @@ def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> 
 
 
 def read_csv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
-    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     out, header, si, ti = [], None, 0, 0
     try:
         for row in reader:
@@ -231,7 +231,7 @@ def read_csv(path: Path, source_field: str | None, target_field: str | None) -> 
 
 def jsonl_records(path: Path) -> list[tuple[int, object]]:
     out = []
-    for i, line in enumerate(read_utf8(path).split("\n"), 1):
+    for i, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
             try:
                 out.append((i, json.loads(line)))
@@ -241,7 +241,7 @@ def jsonl_records(path: Path) -> list[tuple[int, object]]:
 
 
 def json_records(path: Path) -> list[tuple[int, object]]:
-    text = read_utf8(path)
+    text = read_text(path)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
@@ -316,7 +316,7 @@ def read_summaries(path: str | Path, source_field: str | None = None,
         records = jsonl_records(path) if suffix == ".jsonl" else json_records(path)
         out = read_records(path, records, source_field, target_field)
     elif suffix == ".txt":
-        text = read_utf8(path)
+        text = read_text(path)
         if "<summary>" not in text:
             raise UserError(f"{path}: no <summary> tag: a .txt file is read as LCSTS "
                             "(<summary> / <short_text> blocks)")

@@ -28,6 +28,7 @@ import torch
 from babyllama.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, ModelConfig
+from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
 from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE, sentencepiece_proto
 
@@ -286,7 +287,7 @@ def _hf_state(src: Path) -> dict[str, torch.Tensor]:
         if (src / "model.safetensors").exists():
             return load_file(str(src / "model.safetensors"))
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(read_json_object(index)["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(load_file(str(src / shard)))
@@ -302,10 +303,7 @@ def _hf_state(src: Path) -> dict[str, torch.Tensor]:
 
 def _check_llama_config(path: Path) -> None:
     """What our model cannot represent, refused by name instead of loading wrong numbers."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable config.json ({str(e).splitlines()[0]})") from None
+    d = read_json_object(path, "config.json")
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {d['hidden_act']!r} (ours is silu)")

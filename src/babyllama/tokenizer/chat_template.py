@@ -28,6 +28,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from babyllama.errors import UserError
+from babyllama.textfile import read_text
 from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS
 
 # ----------------------------------------------------------------------------------------
@@ -263,10 +264,7 @@ def resolve_template(spec: str) -> str:
         return spec
     path = Path(spec)
     if path.is_file():
-        try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read chat template ({_first_line(e)})") from None
+        source = read_text(path)  # a BOM must not be rendered into every conversation
         try:
             _compile(source)
         except UserError as e:  # name the file: "path:line: problem"

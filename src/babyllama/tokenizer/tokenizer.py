@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 
 from babyllama.atomic import atomic_write_bytes
 from babyllama.errors import UserError
+from babyllama.textfile import read_json_object, read_text
 
 # Role -> token string. Order matters: a trained tokenizer reserves these at ids 0..k-1 in
 # this order, so bos=0, eos=1, pad=2, unk=3. The `<|reserved_N|>` slots let later features
@@ -401,8 +402,9 @@ def _first_line(e: Exception) -> str:
 def _open_hf(file: Path) -> _HFBackend:
     from tokenizers import Tokenizer as HFTokenizer
 
+    text = read_text(file)  # from_file would refuse a BOM
     try:
-        return _HFBackend(HFTokenizer.from_file(str(file)))
+        return _HFBackend(HFTokenizer.from_str(text))
     except Exception as e:  # tokenizers raises plain Exception with a serde message
         raise UserError(f"{file}: not a tokenizers tokenizer.json ({_first_line(e)})") from None
 
@@ -414,16 +416,6 @@ def _open_sentencepiece(file: Path) -> _SentencePieceBackend:
         return _SentencePieceBackend(spm.SentencePieceProcessor(model_file=str(file)))
     except Exception as e:
         raise UserError(f"{file}: not a SentencePiece model ({_first_line(e)})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read tokenizer config ({_first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _token_name(value) -> str | None:
@@ -439,14 +431,14 @@ def _read_configs(directory: Path) -> dict:
     cfg: dict = {}
     for name in (CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
         if (directory / name).is_file():
-            data = _read_json(directory / name)
+            data = read_json_object(directory / name, "tokenizer config")
             cfg.update({k: v for k, v in data.items() if v is not None})
     template = cfg.get("chat_template")
     if isinstance(template, list):  # transformers' named-templates form
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
-        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        template = read_text(directory / CHAT_TEMPLATE_FILE)
     cfg["chat_template"] = template if isinstance(template, str) else None
     return cfg
 

@@ -64,6 +64,7 @@ import numpy as np
 
 from babyllama.atomic import atomic_write_bytes
 from babyllama.errors import UserError
+from babyllama.textfile import read_json, read_text
 from babyllama.tokenizer.tokenizer import Tokenizer, _SentencePieceBackend, sentencepiece_proto
 
 ID_MAP_FILE = "id_map.json"
@@ -199,13 +200,9 @@ def _count_by_first_reason(sets: dict[str, set[int]]) -> dict[str, int]:
 def read_retain_file(path: str | os.PathLike) -> list[str]:
     """One piece or word per line; blank lines are skipped. Only the line ending is removed:
     a leading space is text, and SentencePiece will encode it as "▁"."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or e  # OSError's str() repeats the path
-        raise UserError(f"{p}: cannot read retain list ({reason})") from None
-    return [line for line in lines if line.strip()]
+    if not Path(path).is_file():
+        raise UserError(f"{path}: cannot read retain list (no such file)")
+    return [line for line in read_text(path).splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,8 +239,8 @@ def load_id_map(path: str | os.PathLike) -> np.ndarray:
     """Read an id_map.json (file or the trimmed tokenizer's directory) as `old_to_new`."""
     p = Path(path)
     p = p / ID_MAP_FILE if p.is_dir() else p
+    data = read_json(p, "id map JSON")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
         old_to_new = np.full(int(data["original_vocab_size"]), -1, dtype=np.int32)
         for old, new in data["old_to_new"].items():
             old_to_new[int(old)] = new

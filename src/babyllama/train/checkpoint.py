@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from babyllama.atomic import atomic_path, atomic_write_text
 from babyllama.errors import UserError
+from babyllama.textfile import read_json
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,4 +147,4 @@ def load_resume(resume_dir: Path, model, optimizer, scaler) -> dict:
     torch.set_rng_state(extra["torch_rng"])
     if extra["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return json.loads((resume_dir / "trainer.json").read_text())
+    return read_json(resume_dir / "trainer.json")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from babyllama.atomic import atomic_path, atomic_write_text
+from babyllama.textfile import read_text
 
 
 class MetricsLog:
@@ -27,7 +28,7 @@ class MetricsLog:
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(self.path).splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill mid-write

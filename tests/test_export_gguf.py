@@ -452,7 +452,8 @@ def test_llama_cpp_tokenizes_scores_and_generates_like_our_engine(which, tiny_to
     with_bos = llm.tokenize(TEXTS[1].encode(), add_bos=True, special=False)
     assert with_bos == tok.encode(TEXTS[1], add_bos=True)
     chat = "<|im_start|>user\n你好，世界<|im_end|>\n<|im_start|>assistant\n"
-    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat, parse_special=True)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=False) == tok.encode(chat)  # as text
 
     logits, tokens = llama_cpp_greedy(llm, prompt, steps)
     scale = np.abs(ours_logits).max()

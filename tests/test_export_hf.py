@@ -83,8 +83,10 @@ def test_autotokenizer_gives_our_ids_and_apply_chat_template_our_string(tiny_tok
     write_tokenizer_files(tok, tmp_path, 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
-        assert hf_ids(hf_tok, text) == tok.encode(text), text
-        assert hf_tok(text).input_ids == tok.encode(text, add_bos=True)  # BOS by default, as trained
+        assert hf_ids(hf_tok, text) == tok.encode(text, parse_special=True), text
+        assert hf_tok(text).input_ids == tok.encode(text, add_bos=True, parse_special=True)  # BOS by default
+        # transformers' switch for "special-token text is text" gives our plain encoding.
+        assert hf_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids == tok.encode(text)
         assert hf_tok.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text))
     for generation_prompt, messages in ((False, MESSAGES[:3]), (True, MESSAGES)):
         ours, _ = render(tok.chat_template, messages, add_generation_prompt=generation_prompt,
@@ -93,7 +95,7 @@ def test_autotokenizer_gives_our_ids_and_apply_chat_template_our_string(tiny_tok
         assert theirs == ours
         ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        assert list(ids) == tok.encode(ours)
+        assert list(ids) == tok.encode(ours, parse_special=True)
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     again = Tokenizer.load(tmp_path)  # babyllama reads its own export back with the same roles
     assert again.special_token_ids == tok.special_token_ids and again.chat_template == tok.chat_template
@@ -116,7 +118,7 @@ def test_sentencepiece_tokenizer_converts_to_a_fast_tokenizer_with_the_same_ids(
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert len(hf_tok) == tok.vocab_size
     texts = real_texts()
-    assert [hf_ids(hf_tok, t) for t in texts] == [tok.encode(t) for t in texts]
+    assert [hf_ids(hf_tok, t) for t in texts] == [tok.encode(t, parse_special=True) for t in texts]
     # Decoding agrees on text; around special tokens SentencePiece strips each segment's dummy
     # "▁" while a fast decoder strips only the first (Llama's known legacy behaviour).
     for t in texts[:50] + [t for t in TEXTS if "<" not in t]:
@@ -134,7 +136,7 @@ def test_sentencepiece_with_tied_scores_is_exported_with_a_warning(tmp_path):
     assert again.kind == "sentencepiece" and again.special_token_ids == tok.special_token_ids
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     texts = real_texts(200)
-    same = sum(hf_ids(hf_tok, t) == tok.encode(t) for t in texts)
+    same = sum(hf_ids(hf_tok, t) == tok.encode(t, parse_special=True) for t in texts)
     assert same > len(texts) // 3  # most short texts still agree; the decoded text always does
     assert all(hf_tok.decode(hf_ids(hf_tok, t)) == tok.decode(tok.encode(t)) for t in texts[:100])
 
@@ -154,7 +156,7 @@ def test_unigram_sentencepiece_with_nfkc_and_whitespace_cleanup_converts_exactly
     write_tokenizer_files(tok, tmp_path / "hf", 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in TEXTS + ["ｆｕｌｌ　ｗｉｄｔｈ　１２３", "  多个   空格  "]:
-        assert hf_ids(hf_tok, text) == tok.encode(text), text
+        assert hf_ids(hf_tok, text) == tok.encode(text, parse_special=True), text
 
 
 def save_random_transformers_llama(path, tokenizer, dtype=torch.float32, **shard):

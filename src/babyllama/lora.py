@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from babyllama.atomic import atomic_path, atomic_write_text
 from babyllama.errors import UserError
+from babyllama.textfile import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -200,12 +201,9 @@ def save_adapter(model, directory: str | Path, base_dir: str | Path | None = Non
 
 def read_adapter_config(directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file (not a LoRA adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not path.exists():
+        raise UserError(f"{path}: no such file (not a LoRA adapter directory)")
+    d = read_json_object(path)
     if d.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {d.get('peft_type')!r}, only LORA adapters are supported")
     return d
@@ -223,8 +221,11 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     directory = Path(directory)
     d = read_adapter_config(directory)
     cfg_path = directory / ADAPTER_CONFIG
+    # What peft's LoraConfig.from_pretrained does, from the dict we read (its own json.load
+    # would refuse a BOM): runtime-only settings dropped, then the class for peft_type.
+    fields = {k: v for k, v in d.items() if k != "runtime_config"}
     try:
-        peft_cfg = peft.LoraConfig.from_pretrained(str(directory))
+        peft_cfg = peft.LoraConfig.from_peft_type(**peft.LoraConfig.check_kwargs(**fields))
     except Exception as e:  # peft raises TypeError/ValueError for fields it does not know
         raise UserError(f"{cfg_path}: not a usable LoRA config ({e})") from None
     peft_cfg.task_type = None  # see the module docstring: our forward, not transformers'
@@ -303,7 +304,8 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
     (with double quantization, as in the QLoRA paper), in place; returns the model.
 
     Embeddings, norms and the LM head stay in full precision. `compute_dtype` is the dtype the
-    4-bit weights are dequantized to for each matmul.
+    4-bit weights are dequantized to for each matmul, in training and inference alike, at any
+    layer width.
     """
     try:
         import bitsandbytes as bnb
@@ -323,6 +325,14 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
                                          module=q).to(device)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            # bitsandbytes >= 0.48 switches a Linear4bit on a CPU with AVX512-BF16 to a repacked
+            # bf16 kernel whenever it runs in eval mode without gradients (evaluation, samples,
+            # chat during training). That kernel needs out_features divisible by 32 and
+            # in_features by the 64-value block, so demo-cpu's 688-wide MLP and any width below
+            # 64 fail ("N must be divisible by block_n", "shape '[32, 0]' is invalid"); where it
+            # runs it computes in bf16, so evaluation would not see the model that trains. Every
+            # layer keeps the dequantize-then-matmul path training uses, in compute_dtype.
+            q.support_avx512bf16_for_cpu = False
             setattr(module, child_name, q)
     # The flag transformers sets on a 4-bit model: peft reads it to wrap these layers with its
     # bitsandbytes-aware LoRA layer (dequantizing for DoRA and merging) instead of a plain one.

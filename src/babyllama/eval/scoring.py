@@ -60,6 +60,12 @@ def gathered_scores(model, x: torch.Tensor, rows: torch.Tensor, positions: torch
     return torch.cat(logps), torch.cat(hits)
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """The dtype to accumulate log-likelihood sums in: float64, except on Apple's MPS, which
+    has none (float32 there: sums of ~1e6 nats keep ~6 significant digits)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @torch.no_grad()
 def target_scores(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of the batch: summed negative log-likelihood (nats), number of scored
@@ -68,7 +74,7 @@ def target_scores(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     rows, positions = mask.nonzero(as_tuple=True)
     logp, hit = gathered_scores(model, x, rows, positions, y[rows, positions])
     B = x.size(0)
-    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    wide = wide_float(x.device)
     nats = torch.zeros(B, dtype=wide, device=x.device).index_add_(0, rows, -logp.to(wide))
     correct = torch.zeros(B, dtype=torch.long, device=x.device).index_add_(0, rows, hit.long())
     return nats, mask.sum(1), correct

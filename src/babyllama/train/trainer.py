@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.eval.report import default_name, write_result
-from babyllama.eval.scoring import target_scores
+from babyllama.eval.scoring import target_scores, wide_float
 from babyllama.eval.tasks import run_task, task_options
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.generate import generate_text
@@ -102,7 +102,7 @@ def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, correct
+    sums = torch.zeros(3, dtype=wide_float(device), device=device)  # nats, tokens, correct
     for i, (x, y) in enumerate(eval_set.batches):
         if i % info.world_size != info.rank:
             continue

@@ -18,6 +18,7 @@ LoRA is applied; peft then puts full-precision adapters on top of the quantized 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ import torch.nn as nn
 from babyllama.atomic import atomic_path, atomic_write_text
 from babyllama.errors import UserError
 from babyllama.textfile import read_json_object
+
+# bitsandbytes >= 0.49 logs a warning when it is imported (by peft, or for QLoRA / AdamW8bit) on
+# a CPU with AVX512-BF16: the optional `kernels` package for its CPU inference kernel is missing.
+# We never use that kernel (see quantize_base), so the line is noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -32,6 +32,9 @@ def test_read_text_drops_a_bom_and_names_the_line_of_bad_bytes(tmp_path):
     (tmp_path / "bad.txt").write_bytes("好\n好".encode() + b"\xff\n")
     with pytest.raises(UserError, match=r"bad\.txt:2: not UTF-8 text: byte 0xff at byte offset 7"):
         read_text(tmp_path / "bad.txt")
+    (tmp_path / "bom-bad.txt").write_bytes(BOM + "北京".encode() + b"\xff")
+    with pytest.raises(UserError, match=r"bom-bad\.txt:1: not UTF-8 text: byte 0xff at byte offset 9"):
+        read_text(tmp_path / "bom-bad.txt")
     with pytest.raises(UserError, match=r"missing\.txt: no such file"):
         read_text(tmp_path / "missing.txt")
     with pytest.raises(UserError, match="cannot read"):

@@ -5,14 +5,14 @@ Windows tools write UTF-8 with a BOM (Notepad before 2019, PowerShell 5's
 `Out-File -Encoding utf8`, Excel's "CSV UTF-8"), and Chinese users edit `config.json`,
 `tokenizer_config.json`, chat templates and documents with them. `json.loads` refuses text that
 starts with U+FEFF and `str.strip()` keeps it (WangRongsheng/MedQA-ChatGLM#2,
-minimaxir/gpt-2-simple#263), so a file is decoded with `utf-8-sig`, which drops a BOM and
-reads plain UTF-8 unchanged. Every small text or JSON file the package reads goes through
+minimaxir/gpt-2-simple#263), so a leading BOM is dropped before decoding. Every small text or JSON file the package reads goes through
 `read_text` / `read_json` (corpora stream through `data/readers.py` and `data/encoding.py`,
 which drop a BOM too); a test holds the package to it.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from pathlib import Path
@@ -37,12 +37,16 @@ def read_text(path: str | Path) -> str:
         raise UserError(f"{path}: no such file") from None
     except (OSError, EOFError) as e:  # a directory, no permission, a corrupt .gz stream
         raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    # The BOM is cut here rather than by the utf-8-sig codec, whose error positions would then
+    # count from after it.
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig")
+        return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
-                        f"{e.start}; save the file as UTF-8") from None
+        offset = start + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text: byte 0x{raw[offset]:02x} at byte offset "
+                        f"{offset}; save the file as UTF-8") from None
 
 
 def read_json(path: str | Path, what: str = "JSON") -> Any:

@@ -69,6 +69,21 @@ def test_evaluation_accumulates_in_a_dtype_every_device_has(tiny_data, tiny_toke
         assert narrow[k] == pytest.approx(wide[k], rel=1e-6), k
 
 
+def test_a_device_that_is_not_there_is_a_user_error():
+    from babyllama.errors import UserError
+    from babyllama.train.distributed import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="'tpu' is not a device name"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="'cuda': CUDA is not available"):
+            pick_device("cuda")
+    else:
+        with pytest.raises(UserError, match="'cuda:99': there are"):
+            pick_device("cuda:99")
+
+
 def pretrain_args(data: Path, out: Path, steps: int, extra=()) -> list[str]:
     return (["pretrain", "--preset", "demo-cpu", "--data", str(data), "-o", str(out)]
             + TINY_MODEL + TINY_TRAIN + [f"train.max_steps={steps}", "train.save_every=5",

@@ -158,6 +158,9 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert_one_line_error(run(["generate", out, "--prompt", "今天" * 80]), "--truncate-left")
     assert_one_line_error(run(["generate", out, "--prompt", "x", "--top-p", "0"]), "top_p must be in")
     assert_one_line_error(run(["generate", tmp_path / "nothing", "--prompt", "x"]), "nothing")
+    assert_one_line_error(run(["generate", out, "--prompt", "x", "--device", "gpu0"]), "not a device name")
+    assert_one_line_error(run(["generate", out, "--prompt", "x", "--num-return-sequences", "0"]),
+                          "num_return_sequences must be at least 1")
     ev = run(["eval", out, "--task", "lm", "--data", data, "--stride", "16"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "| documents | tokens | loss | perplexity |" in ev.stdout

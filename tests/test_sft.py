@@ -236,7 +236,7 @@ def test_sft_and_chat_cli(base_run, tmp_path):
     assert repl.returncode == 0, repl.stderr[-2000:]
     assert "system prompt set" in repl.stdout and "document loaded" in repl.stdout
     assert "conversation cleared" in repl.stdout and "no such file" in repl.stdout
-    assert "(error: chat: the message alone is" in repl.stdout  # reported, and the REPL goes on
+    assert "(error: chat: the last message (with the system prompt and template) is" in repl.stdout  # reported, and the REPL goes on
     assert repl.stdout.count("助手> ") == 4
     assert "Traceback" not in repl.stderr
 
@@ -280,6 +280,22 @@ def test_chat_prompt_drops_oldest_turns_first(tiny_tokenizer):
     assert text.startswith("<|im_start|>system\n你是助手。") and "最后的问题" in text
     assert "第0个问题" not in text and "第11个回答" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_answers_a_message_that_fits_the_context_with_less_room_for_the_answer(tiny_tokenizer):
+    """A message longer than the history budget (half the context) but within the context is
+    kept alone, never refused; one longer than the context is refused in one line."""
+    from babyllama.errors import UserError
+    from babyllama.infer.chat import prompt_ids
+
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    long = [{"role": "user", "content": "今天天气很好，我们去公园散步。" * 4}]
+    ids, dropped = prompt_ids(tiny_tokenizer, history + long, budget=32, limit=127)
+    assert 32 < len(ids) <= 127 and dropped == 2
+    assert ids == prompt_ids(tiny_tokenizer, long, budget=127)[0]
+    with pytest.raises(UserError, match=r"the last message \(with the system prompt and template\) is \d+ "
+                                        r"tokens; the prompt can take at most 20"):
+        prompt_ids(tiny_tokenizer, long, budget=10, limit=20)
 
 
 def test_lora_run_keeps_only_the_adapter_and_loads_merged(base_run, tmp_path):

@@ -219,7 +219,10 @@ def cmd_sft(args) -> None:
         cfg.out_dir = args.out
         given = given_train_keys(values)
     run_dir = run_sft(cfg, resume=args.resume, given=given)
-    print(f"run directory: {run_dir}  (model.safetensors, metrics.jsonl, loss.png, samples.txt)")
+    from babyllama.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    weights = f"{ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}" if cfg.lora.enabled else "model.safetensors"
+    print(f"run directory: {run_dir}  ({weights}, metrics.jsonl, loss.png, samples.txt)")
     print(f"talk to it:    babyllama chat {run_dir}")
 
 
@@ -237,11 +240,14 @@ def sampling_kwargs(args) -> dict:
                 no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
                 length_penalty=args.length_penalty, stop=tuple(args.stop or ()),
                 stop_token_ids=tuple(args.stop_token_id or ()), seed=args.seed,
-                truncate="left" if args.truncate_left else "error")
+                truncate="left" if getattr(args, "truncate_left", False) else "error")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, temperature: float = 0.8,
-                      top_k: int = 0, repetition_penalty: float = 1.0) -> None:
+                      top_k: int = 0, repetition_penalty: float = 1.0, truncate: bool = True) -> None:
+    """The decoding flags. `truncate=False` leaves out --truncate-left: chat fits its history
+    to the context itself (oldest turns first), and cutting its token prompt from the left
+    would cut the template."""
     g = p.add_argument_group("decoding (transformers' GenerationConfig semantics)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
@@ -259,10 +265,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 100, tem
                         "stops at that token")
     g.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
                    help="stop when this token id is generated (may be repeated)")
-    g.add_argument("--truncate-left", action="store_true",
-                   help="a prompt that leaves no room for a new token loses its oldest tokens (keeping room "
-                        "for --max-new-tokens, at least half the context) instead of stopping with "
-                        "an error; a prompt that fits is never cut")
+    if truncate:
+        g.add_argument("--truncate-left", action="store_true",
+                       help="a prompt that leaves no room for a new token loses its oldest tokens "
+                            "(keeping room for --max-new-tokens, at least half the context) instead "
+                            "of stopping with an error; a prompt that fits is never cut")
     g.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
 
@@ -358,7 +365,7 @@ def cmd_generate(args) -> None:
                 print(f"[{i + 1}] {prompt}{text}" if n > 1 else f"{prompt}{text}")
         return
     for prompt in args.prompt:
-        pieces = llm.stream(prompt, **kwargs)
+        pieces = llm.stream(prompt, num_return_sequences=n, **kwargs)  # n < 1 is refused there
         first = next(pieces, "")  # bad settings or a too-long prompt fail before anything is shown
         sys.stdout.write(prompt + first)
         for piece in pieces:
@@ -619,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                     help="load a LoRA run's adapter onto RUN (the base); repeat for several, the "
                          "last is active; switch with /adapter NAME")
-    add_sampling_args(ch, **CHAT_DEFAULTS)
+    add_sampling_args(ch, **CHAT_DEFAULTS, truncate=False)
     ch.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="score a run: lm (perplexity, bits/char), rouge, choice "

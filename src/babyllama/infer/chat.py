@@ -37,17 +37,28 @@ def check_messages(messages: list[dict]) -> None:
         raise UserError("chat: the last message must be the user's")
 
 
-def prompt_ids(tokenizer, messages: list[dict], *, budget: int, document: str | None = None,
-               template: str | None = None) -> tuple[list[int], int]:
-    """The generation prompt for `messages` in at most `budget` tokens, and how many earlier
-    messages were dropped to fit (the same shortening as SFT examples get)."""
+def prompt_ids(tokenizer, messages: list[dict], *, budget: int, limit: int | None = None,
+               document: str | None = None, template: str | None = None) -> tuple[list[int], int]:
+    """The generation prompt for `messages` and how many earlier messages were dropped.
+
+    History is shortened to `budget` tokens (oldest exchanges first, then the document: the
+    shortening SFT examples get). When even the last exchange exceeds the budget but fits
+    `limit` (the context less one token for the answer), it is kept alone: a message that fits
+    the context is answered, with less room for the answer, never refused."""
     fitted = fit_chat(tokenizer, messages, budget, document=document, add_generation_prompt=True,
                       template=template)
+    last = split_system(messages)[0] + messages[-1:]
+    if fitted is None and limit is not None and limit > budget:
+        fitted = fit_chat(tokenizer, last, limit, document=document, add_generation_prompt=True,
+                          template=template)
+        if fitted is not None:
+            enc, _, shortened = fitted
+            fitted = enc, len(messages) - len(last), shortened
     if fitted is None:
-        n = len(encode_chat(tokenizer, split_system(messages)[0] + messages[-1:],
-                            add_generation_prompt=True, template=template).ids)
-        raise UserError(f"chat: the message alone is {n} tokens; the context leaves room "
-                        f"for {budget} (shorten it or lower max_new_tokens)")
+        n = len(encode_chat(tokenizer, last, add_generation_prompt=True, template=template).ids)
+        room = max(budget, limit or 0)
+        raise UserError(f"chat: the last message (with the system prompt and template) is {n} "
+                        f"tokens; the prompt can take at most {room} (shorten it)")
     enc, dropped, _ = fitted
     return enc.ids, dropped
 
@@ -57,8 +68,8 @@ def stream_chat(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *
     """The assistant's answer to `messages` as text pieces."""
     check_messages(messages)
     context = model.config.max_position_embeddings
-    budget = prompt_budget(context, cfg.max_new_tokens)
-    ids, _ = prompt_ids(tokenizer, messages, budget=budget, document=document, template=template)
+    ids, _ = prompt_ids(tokenizer, messages, budget=prompt_budget(context, cfg.max_new_tokens),
+                        limit=context - 1, document=document, template=template)
     yield from stream(model, tokenizer, ids, cfg, stop_ids=stop_token_ids(tokenizer))
 
 

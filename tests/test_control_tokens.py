@@ -151,6 +151,18 @@ def test_a_stop_string_that_is_a_control_token_stops_at_it(tiny_tokenizer, token
     assert complete(model, tok, [prompt], by_id, stop_ids=())[0].finish_reason == "stop"
 
 
+def test_plain_generation_of_a_chat_model_stops_at_its_end_of_turn(tiny_tokenizer):
+    """An SFT model ends its answer with <|im_end|>: `generate` on it stops there by default,
+    as the transformers export's generation_config does; a base model runs on."""
+    base = tiny_tokenizer
+    chat = Tokenizer(base._backend, base.special_tokens, chat_template=TEMPLATES["chatml"])
+    model = always_emits(base, base.control_tokens["<|im_end|>"])
+    prompt = [base.bos_id] + base.encode("你好")
+    cfg = GenerationConfig(temperature=0, max_new_tokens=5)
+    assert complete(model, chat, [prompt], cfg)[0].finish_reason == "stop"
+    assert complete(model, base, [prompt], cfg)[0].finish_reason == "length"
+
+
 def test_stop_settings_that_could_never_match_are_user_errors(tiny_tokenizer):
     tok = tiny_tokenizer
     model = always_emits(tok, tok.eos_id)

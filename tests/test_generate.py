@@ -223,6 +223,11 @@ def test_settings_are_validated_with_clear_messages():
     with pytest.raises(UserError, match="num_return_sequences \\(4\\) cannot exceed num_beams \\(2\\)"):
         generation_config({"num_beams": 2, "num_return_sequences": 4})
     assert generation_config({"stop": "。"}).stop == ("。",)
+    assert generation_config({"stop_token_ids": 5}).stop_token_ids == (5,)
+    with pytest.raises(UserError, match="max_new_tokens must be an integer, got 2.5"):
+        generation_config({"max_new_tokens": 2.5})
+    with pytest.raises(UserError, match="stop token ids must be non-negative integers"):
+        generation_config({"stop_token_ids": ("5",)})
 
 
 def test_stop_strings_are_found_across_pieces_and_never_shown_in_part():
@@ -310,6 +315,11 @@ def test_llm_api_generates_batches_and_streams(tiny_data, tmp_path):
     assert isinstance(llm.generate("今天", num_beams=2, max_new_tokens=8), str)
     with pytest.raises(UserError, match="unknown generation setting"):
         llm.generate("今天", temprature=0.5)
+    for bad in ([], None, ["今天", 3]):
+        with pytest.raises(UserError, match="prompts must be a string or a non-empty list of strings"):
+            llm.generate(bad)
+    with pytest.raises(UserError, match="the prompt must be a string"):
+        list(llm.stream(["今天"]))
 
 
 def test_load_opens_a_transformers_llama_directory(tiny_tokenizer, tmp_path):

@@ -159,7 +159,7 @@ class LLM:
         (> 1: a list of continuations per prompt), stop (strings), stop_token_ids, seed,
         truncate ("left" cuts a too-long prompt)."""
         cfg = generation_config(settings)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         done = self.complete(prompts, cfg)
         n = cfg.num_return_sequences
         texts = [[c.text for c in done[i * n:(i + 1) * n]] for i in range(len(prompts))]
@@ -167,7 +167,11 @@ class LLM:
         return texts[0] if isinstance(prompt, str) else texts
 
     def complete(self, prompts: list[str], cfg: GenerationConfig) -> list[Completion]:
-        """Completions with their token ids and finish reasons (prompt-major when n > 1)."""
+        """Completions with their token ids and finish reasons (prompt-major when n > 1).
+        Raises UserError unless `prompts` is a non-empty list of strings."""
+        if not isinstance(prompts, (list, tuple)) or not prompts \
+                or not all(isinstance(p, str) for p in prompts):
+            raise UserError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, cfg)
 
@@ -176,6 +180,8 @@ class LLM:
         character (byte-level tokens can split one across two tokens) nor shows part of a stop
         string. `settings`: as for `generate`."""
         cfg = generation_config(settings)
+        if not isinstance(prompt, str):
+            raise UserError(f"the prompt must be a string, got {prompt!r:.80}")
         yield from stream(self.model, self.tokenizer, encode_prompt(self.tokenizer, prompt), cfg)
 
     def chat(self, messages: list[dict], document: str | None = None, **settings) -> str:

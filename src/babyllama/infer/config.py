@@ -35,6 +35,8 @@ class GenerationConfig:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop or ())
+        if isinstance(self.stop_token_ids, int):  # one id, as one stop string may be one str
+            self.stop_token_ids = (self.stop_token_ids,)
         self.stop_token_ids = tuple(self.stop_token_ids or ())
 
     @property
@@ -43,6 +45,13 @@ class GenerationConfig:
 
     def problems(self) -> list[str]:
         out = []
+        counts = ("max_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams", "num_return_sequences")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                out.append(f"{name} must be an integer, got {value!r}")
+        if out:
+            return out  # the comparisons below need numbers
         for name in ("max_new_tokens", "top_k", "no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative, got {getattr(self, name)}")

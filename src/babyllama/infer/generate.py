@@ -21,6 +21,7 @@ from babyllama.errors import UserError
 from babyllama.infer.beam import beam_search
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.engine import Decoder, fit_prompts
+from babyllama.tokenizer.chat_template import stop_token_ids
 
 
 @dataclass
@@ -130,7 +131,8 @@ def resolve_stops(tokenizer, cfg: GenerationConfig) -> GenerationConfig:
     a stop could never match: vllm-project/vllm#2123, LostRuins/koboldcpp#791. As a token id
     it ends the row the moment the model emits it, as EOS does. A stop string that holds a
     control token next to other text could never match either, so it is refused. Raises
-    UserError also for a stop token id outside the vocabulary."""
+    UserError also for a stop token id outside the vocabulary, and for any invalid setting."""
+    cfg.check()
     ids = list(cfg.stop_token_ids)
     for i in ids:
         if not 0 <= i < tokenizer.vocab_size:
@@ -150,7 +152,11 @@ def resolve_stops(tokenizer, cfg: GenerationConfig) -> GenerationConfig:
 
 
 def end_ids(tokenizer) -> tuple[int, ...]:
-    """Tokens that end a plain completion: the tokenizer's EOS."""
+    """Tokens that end a plain completion: the tokenizer's EOS, and for a chat model (its
+    tokenizer has a chat template) the end of its turn too (`<|im_end|>`), where an SFT model
+    ends its answer; the transformers export's generation_config.json stops at the same."""
+    if tokenizer.chat_template:
+        return stop_token_ids(tokenizer)
     return (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
 
 

@@ -9,7 +9,8 @@ When every input is read, the index names the near-duplicates (each cluster keep
 document) and a second pass over the spool writes the output shards. Memory stays bounded:
 batches in flight are a fixed window, the spool and the index live on disk.
 
-    wiki      MediaWiki markup -> text (dumps only; dates in templates kept, refs dropped)
+    wiki      MediaWiki markup -> text (dumps only; dates in templates kept, refs dropped;
+              ages and {{CURRENTYEAR}} as of the revision's timestamp, {{PAGENAME}} its title)
     html      tags, scripts, entities (only when the text has a tag)
     normalize full-width Latin letters and digits -> ASCII (Chinese punctuation stays), or NFKC
     simplify  traditional -> simplified characters (OpenCC t2s)
@@ -139,9 +140,14 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterator[tuple[str, str]]:
-    """("wiki" | "text", document) for every document of every file; unreadable files and
-    records are skipped and counted in `stats`, never raised."""
+# A document: ("wiki" | "text", text, page). `page` is what `wikitext_to_text` is told about a
+# wiki article besides its markup (title=, today=: the revision's date), None for other text.
+Doc = tuple[str, str, dict | None]
+
+
+def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterator[Doc]:
+    """A `Doc` for every document of every file; unreadable files and records are skipped and
+    counted in `stats`, never raised."""
     from babyllama.data.readers import READERS_BY_SUFFIX, BadRecords, iter_documents
 
     for path in files:
@@ -149,12 +155,12 @@ def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterat
         stats.bytes += path.stat().st_size
         kind = _suffix(path)
         if kind in WIKI_SUFFIXES:
-            from babyllama.data.wikitext import iter_wiki_dump
+            from babyllama.data.wikitext import iter_wiki_pages
 
             try:
-                for _, wikitext in iter_wiki_dump(path):
+                for page in iter_wiki_pages(path):
                     stats.documents += 1
-                    yield "wiki", wikitext
+                    yield "wiki", page.text, {"title": page.title, "today": page.today}
             except UserError as e:
                 stats.skipped_files.append(str(e))
         elif kind in TEXT_SUFFIXES or kind not in (*READERS_BY_SUFFIX, ".jsonl.gz", ".json.gz", ".csv.gz"):
@@ -164,13 +170,13 @@ def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterat
             try:
                 for text in iter_documents(path, text_field=text_field, skip_bad=True, bad=bad):
                     stats.documents += 1
-                    yield "text", text
+                    yield "text", text, None
             except UserError as e:  # a missing field everywhere, an unreadable parquet, ...
                 stats.skipped_files.append(str(e))
             stats.bad_records += bad.count
 
 
-def _iter_text_file(path: Path, stats: InputStats) -> Iterator[tuple[str, str]]:
+def _iter_text_file(path: Path, stats: InputStats) -> Iterator[Doc]:
     """A plain text file in any encoding, one document per non-empty line."""
     from babyllama.data.encoding import TextFile
 
@@ -181,7 +187,7 @@ def _iter_text_file(path: Path, stats: InputStats) -> Iterator[tuple[str, str]]:
     for _, line in f.lines():
         if line.strip():
             stats.documents += 1
-            yield "text", line
+            yield "text", line, None
     stats.bad_lines += f.stats.get("bad_lines", 0)
     stats.long_lines += f.stats.get("long_lines", 0)
 
@@ -209,7 +215,7 @@ def _worker_init(cfg: CleanConfig) -> None:
     _WORKER_CFG = cfg
 
 
-def _worker_clean(batch: list[tuple[str, str]]) -> BatchResult:
+def _worker_clean(batch: list[Doc]) -> BatchResult:
     return clean_batch(batch, _WORKER_CFG)
 
 
@@ -228,20 +234,20 @@ def _transforms(cfg: CleanConfig):
     return steps
 
 
-def clean_batch(batch: list[tuple[str, str]], cfg: CleanConfig) -> BatchResult:
+def clean_batch(batch: list[Doc], cfg: CleanConfig) -> BatchResult:
     """Transform and filter a batch; signatures for the survivors."""
     from babyllama.data.dedup import band_keys, exact_key, minhash_signature, shingle_hashes
 
     filters, mh = cfg.filters(), cfg.minhash() if cfg.near_dedup else None
     steps = _transforms(cfg)
     out = BatchResult([], Counter(), Counter(), {})
-    for kind, text in batch:
+    for kind, text, page in batch:
         out.chars_in += len(text)
         out.bytes_in += len(text.encode("utf-8"))
         for name, step in steps:
             if name == "wiki" and kind != "wiki":
                 continue
-            new = step(text)
+            new = step(text, **page) if name == "wiki" else step(text)
             if new != text:
                 out.changed[name] += 1
                 text = new
@@ -269,7 +275,7 @@ def _example(examples: dict[str, list[str]], reason: str, text: str) -> None:
         shown.append(text[:EXAMPLE_CHARS] + ("…" if len(text) > EXAMPLE_CHARS else ""))
 
 
-def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+def _batches(docs: Iterator[Doc]) -> Iterator[list[Doc]]:
     batch, chars = [], 0
     for doc in docs:
         batch.append(doc)
@@ -281,7 +287,7 @@ def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]
         yield batch
 
 
-def _cleaned(docs: Iterator[tuple[str, str]], cfg: CleanConfig) -> Iterator[BatchResult]:
+def _cleaned(docs: Iterator[Doc], cfg: CleanConfig) -> Iterator[BatchResult]:
     """Batch results in input order, from worker processes (or in-process with 0-1 workers)."""
     workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 1) - 1)
     if workers <= 1:

@@ -1,8 +1,13 @@
 """Wikipedia dumps and wikitext -> plain text.
 
-- `iter_wiki_dump(path)` streams (title, wikitext) of the articles in a MediaWiki XML dump
-  (`pages-articles.xml` or `.xml.bz2`), namespace 0 only, redirects skipped, memory flat.
-- `wikitext_to_text(wikitext)` renders one article's visible prose with mwparserfromhell.
+- `iter_wiki_pages(path)` streams the articles of a MediaWiki XML dump (`pages-articles.xml` or
+  `.xml.bz2`) as `WikiPage(title, text, timestamp)`, namespace 0 only, redirects skipped, memory
+  flat; `iter_wiki_dump(path)` the same as (title, wikitext) pairs.
+- `wikitext_to_text(wikitext, title=, today=)` renders one article's visible prose with
+  mwparserfromhell. `title` and `today` (the date its revision was saved, `WikiPage.today`) are
+  what MediaWiki would know when it showed the page: {{PAGENAME}}, {{CURRENTYEAR}} and the ages
+  that count up to the day of viewing ({{age|1990|1|2}}) are rendered from them, and dropped
+  when they are not given.
 
 Why not gensim's `wikicorpus`: it deletes every `{{...}}` template with a regex. On zhwiki the
 birth and death dates of every biography live in templates
@@ -38,8 +43,11 @@ import bz2
 import gzip
 import re
 import xml.etree.ElementTree as ET
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from babyllama.data.clean_text import clean_whitespace
 from babyllama.errors import UserError, where
@@ -63,8 +71,34 @@ def _child(elem: ET.Element, name: str) -> ET.Element | None:
 _REDIRECT_TEXT = re.compile(r"\s*#\s*(?:redirect|重定向)", re.IGNORECASE)
 
 
-def _article(page: ET.Element) -> tuple[str, str] | None:
-    """(title, wikitext) of a <page> element, or None for redirects and other namespaces."""
+class WikiPage(NamedTuple):
+    """An article of a dump: its title, its wikitext and when that revision was saved."""
+
+    title: str
+    text: str
+    timestamp: datetime | None  # <revision><timestamp>, UTC; None when the export has none
+
+    @property
+    def today(self) -> date | None:
+        """The day the revision was saved: "today" for a reader who saw it as the current
+        version, so the ages and dates MediaWiki computes on viewing are computed as of then."""
+        return self.timestamp.date() if self.timestamp is not None else None
+
+
+def _timestamp(revision: ET.Element | None) -> datetime | None:
+    """<timestamp>2020-05-01T12:00:00Z</timestamp> (the export format's only form) as UTC."""
+    stamp = _child(revision, "timestamp") if revision is not None else None
+    if stamp is None or not stamp.text:
+        return None
+    try:
+        return datetime.strptime(stamp.text.strip(), "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _article(page: ET.Element) -> WikiPage | None:
+    """The article of a <page> element, or None for redirects and other namespaces."""
     ns = _child(page, "ns")
     if ns is not None and (ns.text or "").strip() != "0":
         return None
@@ -75,12 +109,19 @@ def _article(page: ET.Element) -> tuple[str, str] | None:
     text = _child(revision, "text") if revision is not None else None
     if title is None or text is None or not text.text or _REDIRECT_TEXT.match(text.text):
         return None
-    return (title.text or "").strip(), text.text
+    return WikiPage((title.text or "").strip(), text.text, _timestamp(revision))
 
 
 def iter_wiki_dump(path) -> Iterator[tuple[str, str]]:
-    """(title, wikitext) of every article (namespace 0, not a redirect) of a MediaWiki XML dump,
-    plain or compressed (.bz2, .gz). A file that is not such a dump raises UserError."""
+    """(title, wikitext) of every article of a MediaWiki XML dump: `iter_wiki_pages` without
+    the revision timestamps."""
+    for page in iter_wiki_pages(path):
+        yield page.title, page.text
+
+
+def iter_wiki_pages(path) -> Iterator[WikiPage]:
+    """Every article (namespace 0, not a redirect) of a MediaWiki XML dump, plain or compressed
+    (.bz2, .gz). A file that is not such a dump raises UserError."""
     path = Path(path)
     opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix.lower(), open)
     try:
@@ -165,6 +206,18 @@ def resolve_conversion(wikitext: str) -> str:
 # to what the reader of the page sees as plain text allows.
 
 
+@dataclass(frozen=True)
+class _Page:
+    """What MediaWiki knows about the page it shows besides its text: the title, and the day it
+    is shown (here the day the revision was saved). None when the caller does not know it."""
+
+    title: str | None = None
+    today: date | None = None
+
+
+_PAGE: ContextVar[_Page] = ContextVar("wikitext_page", default=_Page())
+
+
 class _Args:
     """A template call's arguments, numbered the way MediaWiki numbers them.
 
@@ -177,6 +230,7 @@ class _Args:
     _SLOT = re.compile(r"[1-9][0-9]{0,2}")  # "1".."999" name a slot; "01" is just a name
 
     def __init__(self, template):
+        self.page = _PAGE.get()  # the page the call is on: {{age|1990|1|2}} needs its date
         self.named: dict[str, str] = {}
         slots: dict[int, str] = {}
         unnamed = 0
@@ -210,11 +264,6 @@ def _first(*keys: int | str) -> Rule:
     return lambda a: next((a[k] for k in keys if a[k]), "")
 
 
-def _last(a: _Args) -> str:
-    """The last positional argument: {{color|red|文字}}, {{font color|red|white|文字}}."""
-    return a.positional[-1] if a.positional else ""
-
-
 def _joined(separator: str) -> Rule:
     """Every non-empty positional argument, joined: {{hlist|a|b}}, {{ubl|a|b}}."""
     return lambda a: separator.join(x for x in a.positional if x)
@@ -227,6 +276,78 @@ def _text(text: str) -> Rule:
 
 # --- dates
 
+_MONTH_NAMES = ("january", "february", "march", "april", "may", "june", "july", "august",
+                "september", "october", "november", "december")
+
+
+def _month(value: str) -> int | None:
+    """5, 05, May, may -> 5: month arguments may be numbers or English names (or their first
+    three letters), as Module:Date and {{as of}} accept them."""
+    if value.isdigit():
+        return int(value) if 1 <= int(value) <= 12 else None
+    name = value.strip(".").lower()
+    for number, month in enumerate(_MONTH_NAMES, 1):
+        if len(name) >= 3 and month.startswith(name):
+            return number
+    return None
+
+
+_ISO_DATE = re.compile(r"(\d{1,4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?")
+_CJK_DATE = re.compile(r"(\d{1,4})年(?:(\d{1,2})月(?:(\d{1,2})日)?)?")
+_DMY_DATE = re.compile(r"(?:(\d{1,2})\s+)?([A-Za-z]+\.?)\s+(\d{1,4})")      # (2) January 2020
+_MDY_DATE = re.compile(r"([A-Za-z]+\.?)\s+(\d{1,2}),?\s+(\d{1,4})")          # January 2, 2020
+
+
+def _parse_date(text: str) -> tuple[int, ...] | None:
+    """(year,), (year, month) or (year, month, day) of a date written in one argument: 2020-01-02,
+    2020年1月2日, 2 January 2020, January 2, 2020, January 2020; None for anything else."""
+    text = text.strip()
+    if match := _ISO_DATE.fullmatch(text) or _CJK_DATE.fullmatch(text):
+        parts = tuple(int(x) for x in match.groups() if x)
+    elif match := _MDY_DATE.fullmatch(text):
+        month = _month(match[1])
+        parts = (int(match[3]), month, int(match[2])) if month else None
+    elif match := _DMY_DATE.fullmatch(text):
+        month = _month(match[2])
+        parts = ((int(match[3]), month) + ((int(match[1]),) if match[1] else ())) if month else None
+    else:
+        return None
+    if parts is None or (len(parts) > 1 and not 1 <= parts[1] <= 12):
+        return None
+    if len(parts) == 3:
+        try:
+            date(*parts)
+        except ValueError:  # 2 月 30 日
+            return None
+    return parts
+
+
+def _cjk_date(parts: tuple[int, ...]) -> str:
+    """(2020, 1, 2) -> 2020年1月2日, (2020, 1) -> 2020年1月, (2020,) -> 2020年."""
+    return "".join(f"{value}{unit}" for value, unit in zip(parts, "年月日"))
+
+
+def _dates(values: list[str]) -> list[date] | None:
+    """The full dates in a template's arguments, each written as year|month|day or in one
+    argument (`_parse_date`); None when one of them is not a full, valid date."""
+    dates, i = [], 0
+    while i < len(values):
+        if i + 2 < len(values) and values[i].isdigit() and values[i + 2].isdigit():
+            parts, i = (int(values[i]), _month(values[i + 1]), int(values[i + 2])), i + 3
+        else:
+            parts, i = _parse_date(values[i]), i + 1
+        try:
+            dates.append(date(*parts))
+        except (TypeError, ValueError):  # no such date, or a month or day missing (None)
+            return None
+    return dates
+
+
+def _years(born: date, on: date) -> str:
+    """Whole years from one date to another ("" when the second comes first)."""
+    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    return str(years) if years >= 0 else ""
+
 
 def _birth_death(a: _Args) -> str:
     """{{bd|1881年|9月25日|1936年|10月19日}} -> 1881年9月25日—1936年10月19日 (— alone when living)."""
@@ -235,40 +356,71 @@ def _birth_death(a: _Args) -> str:
 
 
 def _ymd(a: _Args) -> str:
-    """{{birth date|1900|1|2}} -> 1900年1月2日; the first date of the *and age* variants."""
+    """{{birth date|1900|1|2}} -> 1900年1月2日 (the month may be a name: 1900|January|2); the
+    first date of the *and age* variants."""
     values = [x for x in a.positional if x]
     if not values:
         return ""
     if not values[0].isdigit():
         return values[0]  # {{birth date|1900年1月2日}}: already text
-    parts = [f"{int(values[0])}年"]
-    for value, unit in zip(values[1:3], "月日"):
-        if not value.isdigit():
-            break
-        parts.append(f"{int(value)}{unit}")
-    return "".join(parts)
+    parts = [int(values[0])]
+    month = _month(values[1]) if len(values) > 1 else None
+    if month is not None:
+        parts.append(month)
+        if len(values) > 2 and values[2].isdigit():
+            parts.append(int(values[2]))
+    return _cjk_date(tuple(parts))
 
 
 def _age(a: _Args) -> str:
-    """{{age|1949|10|1|2019|10|1}} -> 70: whole years between two dates.
+    """{{age|1949|10|1|2019|10|1}} -> 70: whole years between two dates (also written one
+    argument each: {{age|1949-10-1|2019-10-1}}).
 
-    With one date, MediaWiki counts up to the day the page is viewed, which a dump does not
-    record; rendering the age on the day of cleaning would make the same dump clean to
-    different text each year. The date itself (1949年10月1日) is shown instead, the same
-    choice as for {{birth date and age}}.
+    With one date MediaWiki counts up to the day the page is viewed. The dump records when each
+    revision was saved, so the age is the one its readers saw then (`today`, the revision's
+    date), the same on every run. Without that date (markup given directly) nothing is shown:
+    a birth date where the sentence expects a number ("享年1949年10月1日岁") reads worse than a gap.
     """
-    values = a.positional[:6]
-    if len(values) == 6 and all(x.isdigit() for x in values):
-        y1, m1, d1, y2, m2, d2 = map(int, values)
-        return str(y2 - y1 - ((m2, d2) < (m1, d1)))
-    return _ymd(a)
+    dates = _dates([x for x in a.positional if x])
+    if dates and len(dates) == 1 and a.page.today is not None:
+        dates.append(a.page.today)
+    return _years(*dates) if dates and len(dates) == 2 else ""
 
 
-_DATE_TEMPLATES = ("birth date", "birth date and age", "death date", "death date and age",
+def _date_and_age(a: _Args) -> str:
+    """{{birth date and age|1990|12|5}} -> 1990年12月5日（29岁）: the date, and the age on the
+    revision's date as zhwiki's template shows it; the date alone when that is unknown."""
+    shown = _ymd(a)
+    dates = _dates([x for x in a.positional if x][:3])
+    age = _years(dates[0], a.page.today) if dates and a.page.today is not None else ""
+    return f"{shown}（{age}岁）" if age else shown
+
+
+def _date(a: _Args) -> str:
+    """{{date|2020-01-02}} -> 2020年1月2日: a date in the Chinese order whatever format the 2nd
+    argument asks for (dmy, mdy, ymd: orders of English month names), as written when it is not
+    a date; {{date}} alone is the day the page is shown."""
+    today = a.page.today
+    if not a[1]:
+        return _cjk_date((today.year, today.month, today.day)) if today is not None else ""
+    parts = _parse_date(a[1])
+    return _cjk_date(parts) if parts else a[1]
+
+
+def _as_of(a: _Args) -> str:
+    """{{as of|2020|5}} -> 截至2020年5月, as zhwiki's {{As of}} shows it (enwiki: "As of May
+    2020"); `alt=` replaces the whole text."""
+    return a["alt"] or (f"截至{_ymd(a)}" if a[1] else "")
+
+
+# The date only. {{death date and age}} also shows the age at death, {{birth year and age}} an
+# age range and {{start date and age}} the years since; here they show the date alone.
+_DATE_TEMPLATES = ("birth date", "death date", "death date and age",
                    "birth year and age", "death year and age", "start date", "end date",
-                   "start date and age", "dob", "bda", "dda", "出生日期", "出生日期和年龄",
-                   "出生日期和年齡", "逝世日期", "逝世日期和年龄", "逝世日期和年齡", "死亡日期",
-                   "死亡日期和年龄", "死亡日期和年齡")
+                   "start date and age", "dob", "dda", "出生日期", "逝世日期", "逝世日期和年龄",
+                   "逝世日期和年齡", "死亡日期", "死亡日期和年龄", "死亡日期和年齡")
+# The date and the age on the day the page is shown.
+_DATE_AND_AGE_TEMPLATES = ("birth date and age", "bda", "出生日期和年龄", "出生日期和年齡")
 
 # --- names in other languages
 
@@ -339,6 +491,54 @@ def _val(a: _Args) -> str:
     return number + a["s"]
 
 
+# --- quotations, addresses, fractions, template names
+
+
+def _quotation(*attribution: tuple[int | str, ...]) -> Rule:
+    """{{quote|引文|作者|出处}}: the quotation as a paragraph of its own, then the attribution
+    line that {{blockquote}} prints under it (——作者，出处). `attribution`: the arguments that
+    hold its parts (author, title, source) in a given template."""
+
+    def quotation(a: _Args) -> str:
+        text = _first("text", "quote", 1)(a)
+        sign = "，".join(x for x in (_first(*keys)(a) for keys in attribution) if x)
+        return (f"\n{text}\n" + (f"——{sign}\n" if sign else "")) if text else ""
+
+    return quotation
+
+
+_URL_SCHEME = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.IGNORECASE)
+
+
+def _url(a: _Args) -> str:
+    """{{URL|https://www.example.com/}} -> www.example.com, {{URL|example.com|示例}} -> 示例: the
+    display text, else the address as Module:URL shows it (no scheme, no lone trailing /)."""
+    if a[2]:
+        return a[2]
+    shown = _URL_SCHEME.sub("", a[1])
+    return shown[:-1] if shown.endswith("/") and shown.count("/") == 1 else shown
+
+
+def _frac(a: _Args) -> str:
+    """{{frac|1|2}} -> 1/2, {{frac|3|1|2}} -> 3 1/2 (a whole number and a fraction), {{frac|4}}
+    -> 1/4; the fraction slash is written as "/"."""
+    p = a.positional
+    if len(p) >= 3:
+        return f"{p[0]} {p[1]}/{p[2]}"
+    return f"{p[0]}/{p[1]}" if len(p) == 2 else f"1/{p[0]}" if p else ""
+
+
+def _tl(a: _Args) -> str:
+    """{{tl|cite web}} -> {{cite web}}: a template's name in braces, as the pages that document
+    templates print it."""
+    return "{{" + a[1] + "}}" if a[1] else ""
+
+
+def _tlx(a: _Args) -> str:
+    """{{tlx|cite web|url{{=}}x}} -> {{cite web|url=x}}: the name and its example arguments."""
+    return "{{" + "|".join(a.positional) + "}}" if a[1] else ""
+
+
 # --- flags: the country name where the template shows one, nothing for a bare icon
 
 # zhwiki's {{CHN}}-style templates (IOC codes) show a flag and the country's short name.
@@ -363,22 +563,43 @@ def _country(a: _Args) -> str:
     return a["name"] or _COUNTRIES.get(a[1].upper(), a[1])
 
 
+# Names are matched after folding case and "_" (see `_template_name`). zhwiki also finds a
+# template under its other script ({{黑體}} calls Template:黑体: MediaWiki's findVariantLink),
+# so both spellings of a Chinese name are listed.
 _TEMPLATES: dict[str, Rule] = {
     # Dates: zhwiki biographies keep their birth and death dates in templates.
     "bd": _birth_death,
     **dict.fromkeys(_DATE_TEMPLATES, _ymd),
-    **dict.fromkeys(("age", "年龄", "年齡"), _age),
+    **dict.fromkeys(_DATE_AND_AGE_TEMPLATES, _date_and_age),
+    **dict.fromkeys(("age", "age in years", "年龄", "年齡"), _age),
+    "date": _date, "as of": _as_of,
     # Foreign names and links to other wikis: the text shown in the sentence.
-    "lang": _first(2, "text"), "langx": _first(2, "text"),
+    "lang": _first(2, "text"), "langx": _first(2, "text"), "script": _first(2),
+    "transl": _first(3, 2),  # {{transl|zh|Zhōngguó}}; a 3rd argument follows a scheme name
+    "lang-zh": lambda a: _first(1, "text")(a) or _zh(a),  # enwiki's takes {{zh}}'s c=, s=, p=
     "le": _first(1), "ill": _first(1), "ilh": _first(1), "interlanguage link": _first(1),
     "interlanguage link multi": _first(1), "tsl": _tsl, "translink": _tsl,
     "zh": _zh, "nihongo": _nihongo, "nihongo2": _first(1),
-    # Formatting wrappers: the text is the last (or text=) argument, the others are styles.
-    "nowrap": _last, "nobr": _last, "small": _last, "big": _last, "larger": _last,
-    "smaller": _last, "color": _last, "colour": _last, "font color": _last, "em": _last,
+    # Formatting wrappers show one argument and style it: <span class="nowrap">{{{1}}}</span>.
+    # The text is the 1st argument, except {{color|red|文字}} (2nd), {{font color|fg|文字}} and
+    # {{font color|fg|bg|文字}} (3rd if given, else 2nd) and {{resize|90%|文字}} (2nd if given).
+    **dict.fromkeys(("nowrap", "nobr", "small", "big", "larger", "smaller", "em", "bold",
+                     "strong", "underline", "strikethrough", "strike", "smallcaps", "sup", "sub",
+                     "math", "mvar", "var", "code", "kbd", "小", "黑体", "黑體"), _first(1)),
+    "color": _first(2), "colour": _first(2), "font color": _first(3, 2),
+    "fontcolor": _first(3, 2), "resize": _first(2, 1), "allcaps": lambda a: a[1].upper(),
     "font": _first("text", 1), "abbr": _first(1), "ruby": _first(1),
+    # Quotations: enwiki's {{blockquote}} (= {{quote}}) is text|author|title|source, {{cquote}}
+    # quote|(width)|(colour)|author|source; all take author= and source= by name.
+    **dict.fromkeys(("quote", "blockquote"), _quotation(("author", "sign", "cite", 2),
+                                                        ("title", 3), ("source", 4))),
+    "cquote": _quotation(("author", 4), ("title",), ("source", 5)),
+    # Addresses and names shown as text: {{tl|name}} prints "{{name}}".
+    "url": _url, "isbn": lambda a: f"ISBN {a[1]}" if a[1] else "",
+    "tl": _tl, "template link": _tl, "tlx": _tlx,
     # Numbers and units ({{ordinal|3}}: the number; Chinese writes 第…名 around it).
     "convert": _convert_units, "cvt": _convert_units, "val": _val, "ordinal": _first(1),
+    "frac": _frac, "fraction": _frac,
     # Lists: {{hlist}} is separated by " · " (its stylesheet), {{ubl}} is one item per line,
     # {{plainlist}} / {{flatlist}} wrap an ordinary * list given as their argument.
     "hlist": _joined(" · "), "ubl": _joined("\n"), "unbulleted list": _joined("\n"),
@@ -389,7 +610,8 @@ _TEMPLATES: dict[str, Rule] = {
     **{code.lower(): _text(name) for code, name in _COUNTRIES.items()},
     # Characters that cannot be written inside a template call.
     "!": _text("|"), "=": _text("="), "·": _text("·"), "ndash": _text("–"),
-    "mdash": _text("—"),
+    "mdash": _text("—"), "snd": _text(" – "), "spaced ndash": _text(" – "),
+    "nbsp": _text(" "), "space": _text(" "),
 }
 # Families by prefix: {{lang-en|text}}, {{link-en|中文|English}}, {{internal link helper/en|...}}.
 _TEMPLATE_PREFIXES = (("lang-", _first(1, "text")), ("link-", _first(1)),
@@ -409,11 +631,53 @@ def _template_name(template) -> str:
 #
 # mwparserfromhell parses {{formatnum:1234567}} as a template named "formatnum:1234567". The
 # functions below only reshape their argument, so they are rendered. Those with logic are
-# dropped with the templates not in the table: {{#if:}}, {{#ifeq:}}, {{#switch:}}, {{#expr:}},
-# {{#time:}}, {{#invoke:}} (Lua). In articles they test or compute things a dump does not hold
-# (other templates' output, the current date, the page's own name), and rendering a guessed
-# branch would put text in the corpus that no reader saw. Likewise variables such as
-# {{CURRENTYEAR}} and {{PAGENAME}}, and {{DEFAULTSORT:...}}, which shows nothing.
+# dropped with the templates not in the table:
+# - {{#if:}}, {{#ifeq:}}, {{#switch:}}, {{#invoke:}} (Lua): in articles they test things a dump
+#   does not hold (other templates' output, Lua modules), and rendering a guessed branch would
+#   put text in the corpus that no reader saw.
+# - {{#expr:}}: in article text its operands are nearly always other templates or variables
+#   ({{#expr:{{CURRENTYEAR}}-1949}}), and MediaWiki's expression language is larger than plain
+#   arithmetic (mod, ^, e, pi, trunc, floor, comparisons, and/or/not, PHP's float printing:
+#   1/3 -> 0.33333333333333). A small evaluator would print numbers no reader saw wherever it
+#   falls short, so the call is dropped like the other logic; `eval` is never an option.
+# - {{#time:}}: a format language of its own (and a date it often takes from {{CURRENTYEAR}}).
+# - {{DEFAULTSORT:...}} shows nothing.
+
+
+def _page_name(page: _Page) -> str:
+    return page.title or ""
+
+
+def _on_today(show: Callable[[date], str]) -> Callable[[_Page], str]:
+    """A date variable, shown as of the page's `today` ("" when that is unknown)."""
+    return lambda page: show(page.today) if page.today is not None else ""
+
+
+_GENITIVE_MONTHS = "一月 二月 三月 四月 五月 六月 七月 八月 九月 十月 十一月 十二月".split()
+
+# Variables: {{PAGENAME}}, {{CURRENTYEAR}} (case-sensitive: {{pagename}} is a template call).
+# - The page name family is the title: an article is in the main namespace, which has no
+#   subpages on Wikipedia, so FULL-, BASE-, ROOT- and SUBPAGENAME are all the title too.
+# - CURRENT* are the date the revision was saved (UTC, as MediaWiki's CURRENT* are), written as
+#   zh-hans MediaWiki writes them (MessagesZh_hans: 5月, 五月, 星期五). The LOCAL* ones depend on
+#   the wiki's time zone, which a dump does not record, and the time of day (CURRENTTIME,
+#   CURRENTHOUR, CURRENTTIMESTAMP) needs more than the date `today` is: both are dropped.
+_VARIABLES: dict[str, Callable[[_Page], str]] = {
+    **dict.fromkeys(("PAGENAME", "FULLPAGENAME", "BASEPAGENAME", "ROOTPAGENAME", "SUBPAGENAME",
+                     "SUBJECTPAGENAME", "ARTICLEPAGENAME"), _page_name),
+    "CURRENTYEAR": _on_today(lambda d: str(d.year)),
+    "CURRENTMONTH": _on_today(lambda d: f"{d.month:02d}"),
+    "CURRENTMONTH2": _on_today(lambda d: f"{d.month:02d}"),
+    "CURRENTMONTH1": _on_today(lambda d: str(d.month)),
+    "CURRENTMONTHNAME": _on_today(lambda d: f"{d.month}月"),
+    "CURRENTMONTHABBREV": _on_today(lambda d: f"{d.month}月"),
+    "CURRENTMONTHNAMEGEN": _on_today(lambda d: _GENITIVE_MONTHS[d.month - 1]),
+    "CURRENTDAY": _on_today(lambda d: str(d.day)),
+    "CURRENTDAY2": _on_today(lambda d: f"{d.day:02d}"),
+    "CURRENTDOW": _on_today(lambda d: str(d.isoweekday() % 7)),  # 0 is Sunday
+    "CURRENTDAYNAME": _on_today(lambda d: "星期" + "一二三四五六日"[d.weekday()]),
+    "CURRENTWEEK": _on_today(lambda d: str(d.isocalendar()[1])),
+}
 
 
 def _formatnum(args: list[str]) -> str:
@@ -478,7 +742,10 @@ def _function_args(template) -> list[str]:
 
 
 def _render_template(template) -> str:
-    # Magic words are case-insensitive: {{FORMATNUM:1}} is {{formatnum:1}}.
+    variable = _VARIABLES.get(str(template.name).strip()) if not template.params else None
+    if variable is not None:
+        return variable(_PAGE.get())
+    # Parser functions are case-insensitive: {{FORMATNUM:1}} is {{formatnum:1}}.
     head, colon, _ = str(template.name).partition(":")
     function = _PARSER_FUNCTIONS.get(head.strip().lower()) if colon else None
     if function is not None:
@@ -605,8 +872,18 @@ _RAW_TABLE = re.compile(r"^\{\|.*?^\|\}", re.DOTALL | re.MULTILINE)
 _EMPTY_BRACKETS = re.compile(r"[（(][\s，,、；;：:]*[）)]")
 
 
-def wikitext_to_text(wikitext: str) -> str:
-    """Plain text of one article's wikitext: one paragraph, heading or list item per line."""
+def wikitext_to_text(wikitext: str, *, title: str | None = None,
+                     today: date | None = None) -> str:
+    """Plain text of one article's wikitext: one paragraph, heading or list item per line.
+
+    `title` and `today` stand for what MediaWiki knows when it shows the page: its title
+    ({{PAGENAME}}) and the day it is shown, which for a dump is the day the revision was saved
+    (`WikiPage.today`). From `today` come the ages counted up to the day of viewing
+    ({{age|1990|1|2}}, {{birth date and age}}) and {{CURRENTYEAR}}-style variables, the same on
+    every run (a datetime is read as its day). Without them (markup given directly) those are
+    dropped: no age, and no date where a number is expected; the two-date
+    {{age|1990|1|2|2000|1|1}} needs neither.
+    """
     global _nodes
     try:
         import mwparserfromhell
@@ -619,6 +896,9 @@ def wikitext_to_text(wikitext: str) -> str:
     # parser (pure Python above its C tokenizer) a third or more of a typical article.
     wikitext = _COMMENT.sub("", wikitext) if "<!--" in wikitext else wikitext
     wikitext = _REF.sub("", wikitext) if "<ref" in wikitext else wikitext
+    if isinstance(today, datetime):
+        today = today.date()  # the day, in the timestamp's own time zone
+    page_token = _PAGE.set(_Page(title, today))
     try:
         text = _render(mwparserfromhell.parse(resolve_conversion(wikitext)))
     except (mwparserfromhell.parser.ParserError, RecursionError):
@@ -626,6 +906,8 @@ def wikitext_to_text(wikitext: str) -> str:
         # cannot be parsed is dropped (empty text fails the length filter) rather than
         # stopping a run over millions of pages.
         return ""
+    finally:
+        _PAGE.reset(page_token)
     text = _MAGIC_WORD.sub("", text)
     text = _QUOTES.sub("", text)
     if "{|" in text:

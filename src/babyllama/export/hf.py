@@ -183,19 +183,13 @@ def sentencepiece_to_tokenizers(tokenizer: Tokenizer):
     # User-defined pieces are matched whole before the model runs, as SentencePiece does.
     tk.add_tokens([AddedToken(p.piece, normalized=False, special=False)
                    for p in proto.pieces if p.type == 4])
-    specials = sorted(((i, t) for t, i in _special_ids(tokenizer).items()))
+    specials = sorted(((i, t) for t, i in tokenizer.control_tokens.items()))
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for _, t in specials])
     for i, t in specials:
         if tk.token_to_id(t) != i:  # appended specials must land on the same ids
             raise UserError(f"special token {t!r}: id {tk.token_to_id(t)} after conversion, "
                             f"{i} in the tokenizer")
     return tk
-
-
-def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Every special token string -> id: the roles' tokens and any other added special."""
-    ids = {t: tokenizer.token_to_id(t) for t in tokenizer.special_tokens.values()}
-    return {t: i for t, i in ids.items() if i is not None}
 
 
 def fast_tokenizer(tokenizer: Tokenizer):

@@ -342,9 +342,10 @@ def template_controls(tokenizer, source: str, text: str, messages: list[dict],
     if pattern is None:
         return []
     found = [m.span() for m in pattern.finditer(text)]
-    if not found or not any(pattern.search(s) for s in _strings([messages, document])):
-        return found
-    masked, _ = render(source, _masked(messages, pattern), document=_masked(document, pattern),
+    masked_messages, masked_document = _masked(messages, pattern), _masked(document, pattern)
+    if not found or (masked_messages == messages and masked_document == document):
+        return found  # no control-token text in the content: every one is the template's
+    masked, _ = render(source, masked_messages, document=masked_document,
                        add_generation_prompt=add_generation_prompt,
                        special_tokens=tokenizer.special_tokens)
     if len(masked) == len(text):
@@ -353,17 +354,6 @@ def template_controls(tokenizer, source: str, text: str, messages: list[dict],
     return [(a, b) for a, b in found
             if any(i <= a and b <= i + n and masked[j + a - i:j + b - i] == text[a:b]
                    for i, j, n in blocks)]
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _strings(v)
 
 
 def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,

@@ -38,9 +38,13 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return _check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def _check_device(name: str) -> torch.device:
@@ -55,7 +59,7 @@ def _check_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device {name!r}: there are {torch.cuda.device_count()} GPU(s)")
     elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        if not _mps_available():
             raise UserError(f"device {name!r}: Apple's MPS is not available here; use auto or cpu")
     elif device.type != "cpu":
         raise UserError(f"device {name!r}: not supported (auto, cpu, cuda, cuda:N, mps)")

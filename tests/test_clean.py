@@ -158,3 +158,37 @@ def test_clean_wikipedia_paragraphs_survive_and_a_second_copy_is_all_duplicates(
     # Every survivor of the first copy is spooled once; its twin in the copy is an exact duplicate.
     assert report["removed"]["exact_duplicate"] == report["documents_out"] + report["removed"]["near_duplicate"]
     assert report["documents_out"] >= 0.9 * n   # an already clean corpus loses little
+
+
+def test_report_and_console_give_skip_reasons_with_counts_examples_and_the_flag(tmp_path):
+    # A folder of alpaca-style JSON files (no `text`) next to a real corpus file.
+    data = tmp_path / "data"
+    data.mkdir()
+    alpaca = [{"instruction": f"问题{i}", "input": "", "output": PARAGRAPHS[i % 8]} for i in range(5)]
+    (data / "alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+    (data / "corpus.jsonl").write_text("\n".join(json.dumps({"text": p}, ensure_ascii=False)
+                                                 for p in PARAGRAPHS[:3]) + "\n{bad\n", encoding="utf-8")
+    report = clean([data], tmp_path / "out", CleanConfig(workers=0), progress=False)
+    reasons = report["read"]["bad_record_reasons"]
+    assert report["read"]["bad_records"] == 6
+    assert reasons["no 'text' field"]["count"] == 5 and reasons["invalid JSON"]["count"] == 1
+    first = reasons["no 'text' field"]["examples"][0]
+    assert first.startswith(f"{data / 'alpaca.json'}: item 1: no 'text' field (fields: instruction, "
+                            "input, output)") and "--text-field output" in first
+    md = (tmp_path / "out" / "_report.md").read_text(encoding="utf-8")
+    assert "- 5 malformed records: no 'text' field, e.g." in md and "--text-field output" in md
+    result = subprocess.run(babyllama_cmd() + ["clean", str(data), "-o", str(tmp_path / "o2"), "--workers", "0"],
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "5 malformed records: no 'text' field" in result.stdout and "--text-field output" in result.stdout
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sft" / "alpaca_zh").exists(), reason="needs ../shared/data")
+def test_clean_on_real_alpaca_json_says_why_nothing_was_read(tmp_path):
+    # The JSON file alone (its folder also holds a README, which clean reads as text).
+    src = SHARED_DATA / "sft" / "alpaca_zh" / "zh-data-part-00.json"
+    with pytest.raises(UserError) as e:
+        clean([src], tmp_path / "out", CleanConfig(workers=0), progress=False)
+    message = str(e.value)
+    assert "10,021 records skipped" in message and "no 'text' field" in message
+    assert "--text-field output" in message and "\n" not in message

@@ -372,8 +372,6 @@ GOOD = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "co
     ({"messages": [{"content": "u"}, {"role": "assistant", "content": "a"}]}, "has no 'role'"),
     ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]},
      r"message 2 \(assistant\) is empty"),
-    ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-                   {"role": "user", "content": "u2"}]}, "ends with a user turn"),
     ({"messages": [{"role": "user", "content": "u"}, {"role": "tool", "content": "a"}]},
      "unknown role 'tool'"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
@@ -592,3 +590,80 @@ def test_augment_constraints_is_deterministic_and_leaves_inputs_alone():
     assert len({c.messages[0]["content"] for c in copies}) > 1
     untouched = augment_constraints(conversations, probability=0.0, seed=3)
     assert [c.messages[0]["content"] for c in untouched] == originals
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes users bring: other single-turn field names, id-keyed dialogue objects, unanswered ends
+
+@pytest.mark.parametrize("record, expected_answer", [
+    ({"question": "中国的首都？", "answer": "北京"}, "北京"),
+    ({"query": "中国的首都？", "response": "北京"}, "北京"),
+    ({"prompt": "中国的首都？", "response": "北京"}, "北京"),
+    ({"input": "中国的首都？", "target": "北京"}, "北京"),
+    ({"Question": "中国的首都？", "Reference_Answer": "北京"}, "北京"),
+    ({"question": "中国的首都？", "answer": "北京", "reference_answer": "北京市"}, "北京"),
+    ({"instruction": "中国的首都？", "response": "北京", "category": "open_qa"}, "北京"),
+])
+def test_single_turn_sets_with_other_field_names_are_read(tmp_path, record, expected_answer):
+    path = jsonl(tmp_path / "qa.jsonl", [record])
+    assert detect_format(path) == "prompt-answer"
+    (conv,) = convs(path)
+    assert pairs(conv) == [("user", "中国的首都？"), ("assistant", expected_answer)]
+
+
+def test_id_keyed_dialogue_object_with_usr_sys_roles_is_read(tmp_path):
+    # CrossWOZ's layout: {id: {messages: [{role: usr|sys, content, ...}], goal, ...}}.
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({
+        "11290": {"type": "单领域", "messages": [
+            {"role": "usr", "content": "你好，推荐一家评分高的餐馆。", "dialog_act": []},
+            {"role": "sys", "content": "推荐您去全聚德。", "dialog_act": []}]},
+        "10303": {"type": "多领域", "messages": [
+            {"role": "user", "content": "北京有什么景点？"}, {"role": "bot", "content": "故宫。"},
+            {"role": "human", "content": "门票多少？"}, {"role": "assistant", "content": "60元。"}]},
+    }, ensure_ascii=False, indent=1), encoding="utf-8")
+    assert detect_format(path) == "openai"
+    a, b = convs(path)
+    assert pairs(a) == [("user", "你好，推荐一家评分高的餐馆。"), ("assistant", "推荐您去全聚德。")]
+    assert pairs(b) == [("user", "北京有什么景点？"), ("assistant", "故宫。"),
+                        ("user", "门票多少？"), ("assistant", "60元。")]
+    assert a.source == f"{path}:2" and b.source.startswith(f"{path}:")
+
+
+def test_undetectable_id_keyed_object_describes_its_shape_truthfully(tmp_path):
+    path = tmp_path / "goals.json"
+    path.write_text(json.dumps({"11290": {"goal": ["找餐馆"], "final_goal": []},
+                                "10303": {"goal": ["找景点"], "final_goal": []}},
+                               ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        convs(path)
+    message = str(e.value)
+    assert "an object keyed by ids ('11290', '10303', …) whose values have fields: " \
+           "final_goal, goal" in message
+    assert "first record's fields: 11290" not in message
+
+
+def test_trailing_unanswered_user_turn_is_dropped_and_counted(tmp_path):
+    path = jsonl(tmp_path / "c.jsonl", [
+        GOOD,
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                      {"role": "user", "content": "u2"}]}])
+    counted = BadRecords()
+    good, cut = convs(path, skip_bad=True, bad=counted)
+    assert counted.count == 0 and good.unanswered == 0
+    assert pairs(cut) == [("user", "u"), ("assistant", "a")] and cut.unanswered == 1
+    # Strict reading does not stop either: the answered turns are good data.
+    assert len(convs(path)) == 2
+
+
+def test_skipped_conversations_are_counted_by_reason_with_examples(tmp_path):
+    path = tmp_path / "c.jsonl"
+    empty = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": ""}]}
+    path.write_text("\n".join([json.dumps(GOOD), "{oops", json.dumps(empty), "[1,", json.dumps(GOOD)])
+                    + "\n", encoding="utf-8")
+    counted = BadRecords()
+    assert len(convs(path, skip_bad=True, bad=counted)) == 2
+    assert counted.reasons == {"invalid JSON": 2, "message N (assistant) is empty": 1}
+    summary = counted.summary()
+    assert summary.startswith("3 bad records skipped: 2 invalid JSON (first: ")
+    assert f"{path}:2: invalid JSON" in summary and f"{path}:3: message 2" in summary

@@ -328,3 +328,27 @@ def test_real_zhwiki_paragraphs(tmp_path, tok):
     val = TokenShards(tmp_path / "ds", "val")
     assert val.n_documents >= 1
     assert val.document(0)[0] == tok.bos_id and val.document(0)[-1] == tok.eos_id
+
+
+def test_skipped_records_are_counted_by_reason_with_examples_and_the_text_field_hint(tmp_path):
+    p = write(tmp_path / "a.jsonl", '{"instruction": "问", "input": "", "output": "答"}\n{oops\n'
+              '{"text": "甲"}\n{"question": "问", "answer": "答"}\n')
+    bad = BadRecords()
+    assert list(iter_documents(p, skip_bad=True, bad=bad)) == ["甲"]
+    assert bad.reasons == {"no 'text' field": 2, "invalid JSON": 1}
+    assert bad.examples["no 'text' field"] == [
+        f"{p}:1: no 'text' field (fields: instruction, input, output); choose one with "
+        f"--text-field, e.g. --text-field output",
+        f"{p}:4: no 'text' field (fields: question, answer); choose one with --text-field, "
+        f"e.g. --text-field answer"]
+    summary = bad.summary()
+    assert summary.startswith("3 bad records skipped: 2 no 'text' field (first: ")
+    assert "1 invalid JSON (first: " in summary and "\n" not in summary
+    assert bad.to_dict()["reasons"]["invalid JSON"] == {
+        "count": 1, "examples": [f"{p}:2: invalid JSON: Expecting property name enclosed in "
+                                 f"double quotes (column 2)"]}
+
+
+def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path):
+    p = write(tmp_path / "a.json", '{"text": "甲"}\n{"text": "乙"}\n')
+    assert list(iter_documents(p)) == ["甲", "乙"]

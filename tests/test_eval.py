@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from babyllama.errors import UserError
-from babyllama.eval.generation import GenerationOptions, distinct_n, find_loop, rep_n, run_generation
+from babyllama.eval.generation import distinct_n, find_loop, rep_n, run_generation
 from babyllama.eval.lm import LMOptions, run_lm, window_requests
 from babyllama.eval.report import write_result
 from babyllama.eval.scoring import score_requests, target_scores

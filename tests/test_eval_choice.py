@@ -360,3 +360,43 @@ def test_random_model_scores_near_chance_on_real_cmmlu(tiny_tokenizer):
     assert 0.1 <= m["acc_letter"] <= 0.42 and 0.1 <= m["acc_letter_micro"] <= 0.42
     assert all(0.0 <= m[k] <= 0.6 for k in ("acc_text", "acc_text_norm"))
     assert all(math.isfinite(x) for e in result.examples for x in e["letter_logprobs"])
+
+
+# ----------------------------------------------------------------------------------------
+# Reading comprehension
+
+
+def test_reading_comprehension_passage_options_list_and_letter_index_or_text_answers(
+        tiny_tokenizer, tmp_path):
+    passage = ["男：你明天去图书馆吗？", "女：不去，我要去医院看奶奶。"]
+    records = [
+        {"context": passage, "question": "女的明天去哪儿？", "choice": ["图书馆", "医院", "学校"],
+         "answer": "医院"},                                              # C3: the option's text
+        {"passage": "长城是中国古代的军事防御工程。", "question": "长城是做什么用的？",
+         "options": ["防御", "灌溉", "运输", "祭祀"], "answer": "A"},     # RACE style: a letter
+        {"article": "黄河是中国第二长河。", "question": "黄河是第几长河？",
+         "options": ["第一", "第二"], "answer": 1},                      # a 0-based index
+    ]
+    path = tmp_path / "rc.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    qs = load_exam(path).questions["rc"]
+    assert [q.answer for q in qs] == [1, 0, 1]
+    assert qs[0].passage == "男：你明天去图书馆吗？\n女：不去，我要去医院看奶奶。"
+    assert qs[0].where == f"{path}:2" and qs[1].where.startswith(f"{path}:")
+    (ctx, cont), *_ = requests(tiny_tokenizer, qs[1], [], "rc", cloze=False, chat=False)
+    assert tiny_tokenizer.decode(ctx).endswith(
+        "文章：长城是中国古代的军事防御工程。\n题目：长城是做什么用的？\nA. 防御\nB. 灌溉\nC. 运输\nD. 祭祀\n答案是：")
+    result = run_choice(tiny_model(tiny_tokenizer), tiny_tokenizer, ChoiceOptions(str(path), progress=False))
+    assert result.metrics["n"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"passage": "p", "question": "q", "options": ["甲", "乙"],
+                               "answer": "丙"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer '丙' is not one of the options A-B"):
+        load_exam(bad)
+
+
+def test_reading_comprehension_csv_passage_column_is_shown_before_the_question(tmp_path):
+    path = write_csv(tmp_path / "rc.csv", [("天空是蓝色的。", "天空什么颜色", "蓝", "红", "A")],
+                     "passage,question,A,B,answer", index=False)
+    (q,) = load_exam(path).questions["rc"]
+    assert (q.passage, q.question, q.options, q.answer) == ("天空是蓝色的。", "天空什么颜色", ["蓝", "红"], 0)

@@ -329,3 +329,19 @@ def test_replay_adds_pretraining_rows_that_are_all_targets(mode, tiny_data):
     extra_rows = [len(sometimes.get(s, m, "cpu")[0]) - len(plain.get(s, m, "cpu")[0])
                   for s in range(40) for m in range(2)]
     assert set(extra_rows) == {1, 2} and 1.1 < np.mean(extra_rows) < 1.3
+
+
+def test_conversations_that_ended_unanswered_are_counted_in_the_build_stats(tiny_tokenizer, tmp_path):
+    import json
+
+    from babyllama.data.conversations import iter_conversations
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "在吗？"}]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    convs = list(iter_conversations(str(path))) + [chat("问", "答")]
+    examples, stats = build_examples(convs, tiny_tokenizer, 1000)
+    assert len(examples) == 2 and stats.unanswered == 1
+    assert "1 ended with an unanswered user turn (dropped; trained on their answered turns)" \
+        in stats.summary()

@@ -44,6 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from babyllama.atomic import replace_dir
+from babyllama.batching import batched_by_size
 from babyllama.data import clean_text as ct
 from babyllama.errors import UserError
 
@@ -114,6 +115,8 @@ class InputStats:
     bad_lines: int = 0
     long_lines: int = 0
     bad_records: int = 0
+    # reason -> {"count", "examples": ["file:line: problem", ...]}, as BadRecords.to_dict()
+    bad_record_reasons: dict = field(default_factory=dict)
 
 
 def input_files(inputs: list[str | Path]) -> list[Path]:
@@ -150,6 +153,7 @@ def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterat
     counted in `stats`, never raised."""
     from babyllama.data.readers import READERS_BY_SUFFIX, BadRecords, iter_documents
 
+    bad = BadRecords()  # over all files, so the report gives each reason's total
     for path in files:
         stats.files += 1
         stats.bytes += path.stat().st_size
@@ -166,14 +170,14 @@ def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterat
         elif kind in TEXT_SUFFIXES or kind not in (*READERS_BY_SUFFIX, ".jsonl.gz", ".json.gz", ".csv.gz"):
             yield from _iter_text_file(path, stats)
         else:
-            bad = BadRecords()
             try:
                 for text in iter_documents(path, text_field=text_field, skip_bad=True, bad=bad):
                     stats.documents += 1
                     yield "text", text, None
             except UserError as e:  # a missing field everywhere, an unreadable parquet, ...
                 stats.skipped_files.append(str(e))
-            stats.bad_records += bad.count
+            stats.bad_records = bad.count
+            stats.bad_record_reasons = bad.to_dict()["reasons"]
 
 
 def _iter_text_file(path: Path, stats: InputStats) -> Iterator[Doc]:
@@ -275,23 +279,15 @@ def _example(examples: dict[str, list[str]], reason: str, text: str) -> None:
         shown.append(text[:EXAMPLE_CHARS] + ("…" if len(text) > EXAMPLE_CHARS else ""))
 
 
-def _batches(docs: Iterator[Doc]) -> Iterator[list[Doc]]:
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc[1])
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+def _doc_chars(doc: Doc) -> int:
+    return len(doc[1])
 
 
 def _cleaned(docs: Iterator[Doc], cfg: CleanConfig) -> Iterator[BatchResult]:
     """Batch results in input order, from worker processes (or in-process with 0-1 workers)."""
     workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 1) - 1)
     if workers <= 1:
-        for batch in _batches(docs):
+        for batch in batched_by_size(docs, BATCH_DOCS, BATCH_CHARS, length=_doc_chars):
             yield clean_batch(batch, cfg)
         return
     import multiprocessing as mp
@@ -300,7 +296,7 @@ def _cleaned(docs: Iterator[Doc], cfg: CleanConfig) -> Iterator[BatchResult]:
     with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(cfg,)) as pool:
         # A bounded window of batches in flight (Pool.imap would read the whole input ahead).
         pending: deque = deque()
-        for batch in _batches(docs):
+        for batch in batched_by_size(docs, BATCH_DOCS, BATCH_CHARS, length=_doc_chars):
             pending.append(pool.apply_async(_worker_clean, (batch,)))
             if len(pending) >= 2 * workers + 1:
                 yield pending.popleft().get()
@@ -312,7 +308,7 @@ def _cleaned(docs: Iterator[Doc], cfg: CleanConfig) -> Iterator[BatchResult]:
 # Output
 
 
-class ShardWriter:
+class TextShardWriter:
     """jsonl shards of about `shard_mb` megabytes: part-00000.jsonl, part-00001.jsonl, ..."""
 
     def __init__(self, directory: Path, shard_mb: int):
@@ -405,13 +401,15 @@ def _clean_into(tmp: Path, files: list[Path], cfg: CleanConfig, progress: bool) 
             bar.update(result.bytes_in)
             bar.set_postfix_str(f"{stats.documents:,} docs, {kept:,} kept", refresh=False)
     if stats.documents == 0:
-        skipped = f" ({'; '.join(stats.skipped_files[:3])})" if stats.skipped_files else ""
+        why = stats.skipped_files[:3] + [f"{n['count']:,} records skipped: {n['examples'][0]}"
+                                         for n in stats.bad_record_reasons.values()]
+        skipped = f" ({'; '.join(why)})" if why else ""
         raise UserError(f"no documents in {', '.join(map(str, files[:3]))}{skipped}")
 
     near = index.duplicates(cfg.near_jaccard) if index is not None else None
     drop = set(near.drop.tolist()) if near is not None else set()
     removed["near_duplicate"] += len(drop)
-    writer = ShardWriter(tmp, cfg.shard_mb)
+    writer = TextShardWriter(tmp, cfg.shard_mb)
     chars_out = 0
     with open(spool_path, "rb") as spool:
         for doc_id, line in enumerate(spool):
@@ -472,6 +470,9 @@ def report_markdown(r: dict) -> str:
                f"{read['bad_records']:,} malformed records", f"{len(read['skipped_files'])} files skipped"]
     lines += ["Reading: " + ", ".join(skipped) + "."]
     lines += [f"- {s}" for s in read["skipped_files"][:10]]
+    for reason, seen in read.get("bad_record_reasons", {}).items():
+        lines += [f"- {seen['count']:,} malformed records: {reason}, e.g."]
+        lines += [f"  - {example}" for example in seen["examples"]]
     lines += ["", "| step | documents changed |", "|---|---:|"]
     lines += [f"| {s} | {n:,} |" for s, n in r["changed_by_step"].items()]
     lines += ["", "| removed by | documents | share of input |", "|---|---:|---:|"]

@@ -3,12 +3,16 @@
 `iter_conversations(source)` yields one `Conversation` per record, whatever the layout: every
 format below is turned into the same normal form, `messages` alternating between "user" and
 "assistant" (non-empty strings, ending with an assistant turn), plus an optional `system`
-prompt and an optional reference `document` (seed 0's 资料).
+prompt and an optional reference `document` (a 资料 passage, as grounded-dialogue data has).
 
-Formats (`FORMATS`; detected per file from the extension and the first record's fields, or
-named with `format=`):
+Formats are the entries of one registry, `REGISTRY`: a name, the shape it reads, a `detect`
+test on a file's first records and a `parse` function from one record to the normal form.
+Detection tries the entries in order on the first records of each file (or `format=` names
+one). Adding a format is adding an entry and its parse function:
 
-- openai: `{messages: [{role, content}]}`; a leading system message becomes `.system`.
+- openai: `{messages: [{role, content}]}`; a leading system message becomes `.system`. Role
+  names: user/human/usr, assistant/gpt/bot/model/sys (the dialogue system of task-oriented
+  sets such as CrossWOZ), system; `speaker` for `role` and `text` for `content` too.
 - sharegpt: `{conversations: [{from, value}]}` (human/gpt/...; role/content also accepted),
   optional top-level `system`.
 - alpaca: `{instruction, input, output}` (user = instruction + "\\n" + input), optional
@@ -17,65 +21,72 @@ named with `format=`):
 - firefly: `{conversation: [{human, assistant}, ...]}`, optional `system` (Firefly, MOSS).
 - kdconv: `{name, messages: [{message, attrs?}]}`: speakers alternate from the user; the
   knowledge in `attrs` becomes the document.
-- babyllama-text: seed 0's `资料：…\\n\\n人类：…\\n\\n助手：…` (Human:/Assistant: too) in a `text`
+- babyllama-text: the babyllama write-up's `资料：…\\n\\n人类：…\\n\\n助手：…` (Human:/Assistant: too) in a `text`
   or `dialogue` field, the document in a `reference` field or the 资料 prefix (this reads
   RedGPT-Dataset-V1-CN as it is); in a .txt each conversation starts at a `资料：` line.
 - llama2-text: `<s>Human: …\\n</s><s>Assistant: …\\n</s>` in a `text` field (FlagAlpha's
   Llama2-Chinese data) or a .txt in which each line that starts with `<s>` starts one.
-- prompt-answer: fields or CSV columns prompt/answer (also question/answer, q/a,
-  input/output, prompt/response, query/response, prompt/completion; any case).
+- prompt-answer: single-turn fields or CSV columns, any case: the question in prompt,
+  question, query, q, input or instruction; the answer in answer, response, output,
+  completion, target or a, else in a reference answer (reference_answer, ref_answer,
+  std_answer, standard_answer, gold_answer).
 - csl: CSL's TSV without header, `prompt \\t text \\t title`: a summarization pair.
-- lcsts: `{summary, text}` or `{title, content}` (LCSTS-style news): a summarization pair.
+- lcsts: `{summary, text}` or `{title, content}` (LCSTS-style news), or LCSTS's original
+  PART_*.txt of <summary>/<short_text> blocks: a summarization pair.
+- lccc: `dialogues` whose text is split into characters by spaces; the spaces are removed.
 - dialogues: a JSON list of utterance lists (speakers alternate, first = user), a JSON object
   of such lists (splits), or .txt/.tsv lines of tab-separated utterances (LCCC's pair files).
-- lccc: `dialogues` whose text is split into characters by spaces; the spaces are removed.
 - chatterbot: chatterbot-corpus YAML, `conversations: [[a, b, c, ...], ...]`; the built-in
   `builtin:chatterbot-zh` is its Chinese part.
 
-Files: .jsonl, .json (a list; an object of lists is read as splits, `file.json#train` picks
-one; JSON lines in a .json file, as RedGPT ships them, are read as .jsonl), .csv (with a
-header), .tsv, .txt, .yml/.yaml, and .gz of any of them; or a directory of such files.
+Files (read by `data/records.py`): .jsonl, .json (a list; an object of lists is read as
+splits, `file.json#train` picks one; an object keyed by ids, `{"11290": {...}, ...}`, is read
+as its values; JSON lines in a .json file, as RedGPT ships them, are read as .jsonl), .csv
+(with a header), .tsv, .txt, .yml/.yaml, and .gz of any of them; or a directory of such files.
 
 Choices made once, here:
 - Consecutive messages of the same role are merged into one, joined with "\\n" (a user who
   sends two messages in a row asked one question); contents are stripped of surrounding
   whitespace.
-- Where roles are explicit, a conversation that ends with a user turn is a bad record (the
-  data is probably truncated); where speakers only alternate (kdconv, dialogues, lccc,
-  chatterbot) a trailing unanswered utterance is simply dropped.
+- A conversation that ends with a user turn after answered ones keeps its answered turns: the
+  unanswered turn is dropped and counted in `Conversation.unanswered` (`BuildStats` reports
+  it). Where speakers only alternate (kdconv, dialogues, lccc, chatterbot) an odd last
+  utterance is normal and dropped without counting. A conversation with no answer at all is a
+  bad record.
 - `lccc` is detected, not only named: a `dialogues` file whose first records are >= 90%
   single-character tokens is read as `lccc`. Name `dialogues` to keep the spaces.
 - Summarization pairs (csl, lcsts) become a question and an answer drawn from the templates in
   `sft_augment`, reproducible from `seed` (see there).
 
 Bad records raise `UserError("file:line: problem")` (`file:record N` in a .json list), or with
-`skip_bad=True` are counted in a `BadRecords`.
+`skip_bad=True` are counted in a `BadRecords`. When no format fits a file, the error says what
+the file holds: its first record's fields, or an object keyed by ids and its values' fields.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import re
-import sys
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from babyllama.data import sft_augment
-from babyllama.data.readers import BUILTIN_PREFIX, BadRecords, _decoded_lines, _json_type, \
-    _open_binary, _Reporter
+from babyllama.data.readers import BUILTIN_PREFIX
+from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
+                                    id_records, json_or_lines, json_type, jsonl_records,
+                                    keyed_by_id, lcsts_records, lines, tsv_rows,
+                                    yaml_item_lines, yaml_value)
 from babyllama.errors import UserError
-from babyllama.textfile import read_text
 
 
 @dataclass
 class Conversation:
     messages: list[dict]          # [{"role": "user"|"assistant", "content": str}, ...]
     system: str | None = None     # system prompt
-    document: str | None = None   # reference passage (seed 0's 资料)
+    document: str | None = None   # reference passage (资料) the answer draws on
     source: str = ""              # "file:line" (or "file:record N") of the record
+    unanswered: int = 0           # trailing user turns dropped: no reply to learn from
 
     def template_messages(self) -> list[dict]:
         """The messages as a chat template takes them: the system prompt first, if any."""
@@ -83,21 +94,50 @@ class Conversation:
         return head + [dict(m) for m in self.messages]
 
 
-FORMATS = {
-    "openai": "{messages: [{role, content}]}",
-    "sharegpt": "{conversations: [{from, value}]} (human/gpt; role/content too)",
-    "alpaca": "{instruction, input, output} (+ system, history), Alpaca/BELLE",
-    "firefly": "{conversation: [{human, assistant}]} (+ system), Firefly/MOSS",
-    "kdconv": "{name, messages: [{message, attrs}]}, KdConv; knowledge becomes the document",
-    "babyllama-text": "资料：…\\n\\n人类：…\\n\\n助手：… text (text/dialogue field, .txt), RedGPT",
-    "llama2-text": "<s>Human: …</s><s>Assistant: …</s> text (text field, .txt)",
-    "prompt-answer": "prompt,answer columns (question/answer, q/a, input/output)",
-    "csl": "CSL summarization TSV: prompt<TAB>text<TAB>title, as a dialogue",
-    "lcsts": "{summary, text} or {title, content} summarization pairs, as a dialogue",
-    "dialogues": "lists of alternating utterances (JSON lists, tab-separated lines)",
-    "lccc": "dialogues with character-split text (LCCC); the spaces are removed",
-    "chatterbot": "chatterbot-corpus YAML: conversations: [[a, b, ...]]",
-}
+@dataclass
+class Parsed:
+    """What a format's parse function makes of one record."""
+
+    messages: list[dict]
+    system: str | None = None
+    document: str | None = None
+    unanswered: int = 0
+
+
+@dataclass
+class Sample:
+    """What detection sees of a file: its kind ("jsonl", "json", "csv", "tsv", "txt", "yml")
+    and its first readable records (at least one)."""
+
+    kind: str
+    records: list
+
+    @property
+    def first(self):
+        return self.records[0]
+
+    @property
+    def keys(self) -> set[str]:
+        """The first record's field names, lower-cased (empty if it is not an object)."""
+        return {str(k).lower() for k in self.first} if isinstance(self.first, dict) else set()
+
+
+@dataclass(frozen=True)
+class Format:
+    """One conversation format: `parse(record, seed) -> Parsed` raises `BadRecord`;
+    `detect(sample)` says whether a file looks like this format (None: only by name);
+    `starts_record(line)`, for .txt files whose records span lines, tells a record's first line."""
+
+    name: str
+    shape: str
+    parse: Callable[[Any, int], Parsed]
+    detect: Callable[[Sample], bool] | None = None
+    starts_record: Callable[[str], Any] | None = None
+
+
+class BadRecord(Exception):
+    """One record is malformed; the message is the problem (the caller adds the location)."""
+
 
 BUILTIN_CONVERSATION_FORMAT = "chatterbot"  # builtin:chatterbot-zh
 
@@ -105,30 +145,25 @@ _KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tx
           ".yml": "yml", ".yaml": "yml"}
 SUPPORTED = ".jsonl, .json, .csv, .tsv, .txt, .yml/.yaml (and .gz of those)"
 
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-          "bot": "assistant", "chatgpt": "assistant", "model": "assistant", "system": "system"}
+_ROLES = {"user": "user", "human": "user", "usr": "user",
+          "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+          "chatgpt": "assistant", "model": "assistant",
+          # In task-oriented dialogue sets (CrossWOZ, RiSAWOZ, MultiWOZ) "sys" is the dialogue
+          # system, the side that answers, not a system prompt.
+          "sys": "assistant",
+          "system": "system"}
 
-# Field pairs of the prompt-answer format, tried in order.
-_PROMPT_ANSWER = (("prompt", "answer"), ("question", "answer"), ("q", "a"), ("input", "output"),
-                  ("prompt", "response"), ("query", "response"), ("prompt", "completion"))
+# Single-turn field names, tried in order: the first question field and the first answer field
+# present make the pair; a reference answer serves when no answer field is there.
+PROMPT_FIELDS = ("prompt", "question", "query", "q", "input", "instruction")
+ANSWER_FIELDS = ("answer", "response", "output", "completion", "target", "a")
+REFERENCE_ANSWER_FIELDS = ("reference_answer", "ref_answer", "std_answer", "standard_answer",
+                           "gold_answer")
 # A TSV whose first row holds only these names has a header.
-_COLUMN_NAMES = {name for pair in _PROMPT_ANSWER for name in pair} | {
-    "instruction", "system", "text", "summary", "content", "title", "abstract", "dialogue"}
+_COLUMN_NAMES = {*PROMPT_FIELDS, *ANSWER_FIELDS, *REFERENCE_ANSWER_FIELDS, "system", "text",
+                 "summary", "content", "title", "abstract", "dialogue"}
 
-
-class _Bad(Exception):
-    """One record is malformed; the message is the problem (the caller adds the location)."""
-
-
-@dataclass
-class _Unreadable:
-    """Stands in the record stream for a line that could not be read (bad JSON, bad UTF-8).
-
-    Readers yield it rather than reporting at once, so that problems are reported in file
-    order even though the first records are read ahead to detect the format.
-    """
-
-    problem: str
+_PEEK = 20  # records looked at to detect a format (and whether text is character-split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +176,13 @@ def iter_conversations(source, format: str | None = None, *, skip_bad: bool = Fa
 
     `format` overrides detection (it applies to every file of a directory). `system` is the
     system prompt of conversations that have none. `seed` drives the summarization templates.
+    Raises UserError for an unknown format, an unreadable or undetectable file and, unless
+    `skip_bad`, the first bad record; with `skip_bad` bad records are counted in `bad`.
     """
     if format is not None and format not in FORMATS:
         raise UserError(f"unknown conversation format '{format}' (choose from: "
                         f"{', '.join(FORMATS)})")
-    report = _Reporter(skip_bad, bad)
+    report = Reporter(skip_bad, bad)
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
         files = [(path, None) for path in _builtin_files(source)]
         format = BUILTIN_CONVERSATION_FORMAT  # the built-in set has one known layout
@@ -166,17 +203,14 @@ def detect_format(path) -> str:
     path, split = _resolve(path)[0]  # a directory: its first file
     kind = _kind(path)
     first = _peek(_records(path, kind, split))
-    for where, record in first:
-        if isinstance(record, _Unreadable):
-            raise UserError(f"{where}: {record.problem}")
-    return _detect(path, kind, first)
+    for record in first:
+        if isinstance(record.value, Unreadable):
+            raise UserError(f"{record.where}: {record.value.problem}")
+    return _detect(path, kind, first).name
 
 
 # ---------------------------------------------------------------------------------------------
 # Files and records
-
-_PEEK = 20  # records looked at to detect a format (and whether text is character-split)
-
 
 def _builtin_files(source: str) -> list[Path]:
     from babyllama.data.builtin import BUILTIN_CONVERSATIONS, chatterbot_files
@@ -209,48 +243,47 @@ def _resolve(source) -> list[tuple[Path, str | None]]:
 
 
 def _kind(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        return _KINDS.get(suffixes[-2]) if len(suffixes) >= 2 else None
-    return _KINDS.get(path.suffix.lower())
+    return file_kind(path, _KINDS)
 
 
-def _iter_file(path: Path, split: str | None, format: str | None, report: _Reporter, seed: int,
+def _iter_file(path: Path, split: str | None, format: str | None, report: Reporter, seed: int,
                system: str | None) -> Iterator[Conversation]:
     kind = _kind(path)
     records = _records(path, kind, split)
     if format is None:
         first = _peek(records)
-        if not any(_filled(record) for _, record in first):
+        if not any(_filled(record) for record in first):
             # Nothing readable: an empty file holds no conversations (the caller decides if
             # that is an error); unreadable lines are still reported.
-            for where, record in first:
-                if isinstance(record, _Unreadable):
-                    report(where, record.problem)
+            for record in first:
+                if isinstance(record.value, Unreadable):
+                    report(record.where, record.value.problem, record.value.reason)
             return
-        format = _detect(path, kind, first)
+        fmt = _detect(path, kind, first)
         records = chain(first, records)
+    else:
+        fmt = FORMAT_BY_NAME[format]
     if kind == "txt":
-        records = _txt_records(records, format)
-    parse = _PARSERS[format]
-    for where, record in records:
-        if isinstance(record, _Unreadable):
-            report(where, record.problem)
+        records = _txt_records(records, fmt)
+    for record in records:
+        if isinstance(record.value, Unreadable):
+            report(record.where, record.value.problem, record.value.reason)
             continue
         try:
-            messages, record_system, document = parse(record, seed)
-        except _Bad as e:
-            report(where, str(e))
+            parsed = fmt.parse(record.value, seed)
+        except BadRecord as e:
+            report(record.where, str(e))
             continue
-        yield Conversation(messages, record_system or system, document or None, where)
+        yield Conversation(parsed.messages, parsed.system or system, parsed.document or None,
+                           record.where, parsed.unanswered)
 
 
-def _records(path: Path, kind: str, split: str | None):
-    """(location, record) pairs of one file; .txt lines come raw (blank ones included)."""
+def _records(path: Path, kind: str, split: str | None) -> Iterator[Record]:
+    """The records of one file; .txt lines come raw (blank ones included)."""
     if split is not None and kind not in ("json", "yml"):
         raise UserError(f"{path}#{split}: '#{split}' selects a split of a .json or .yml file")
     if kind == "jsonl":
-        return _jsonl_records(path)
+        return jsonl_records(path)
     if kind == "json":
         return _json_records(path, split)
     if kind == "yml":
@@ -259,77 +292,55 @@ def _records(path: Path, kind: str, split: str | None):
         return _csv_records(path)
     if kind == "tsv":
         return _tsv_records(path)
-    return _lines(path)
+    return _txt_lines(path)
 
 
-def _lines(path: Path) -> Iterator[tuple[str, str | _Unreadable]]:
-    """("file:line", text) per line; a line that is not UTF-8 comes as an _Unreadable."""
-    failed: list[tuple[str, str]] = []
-    with _open_binary(path) as f:
-        for n, line in _decoded_lines(path, f, lambda where, problem: failed.append(
-                (where, problem))):
-            while failed:  # _decoded_lines skips a bad line after reporting it
-                where, problem = failed.pop(0)
-                yield where, _Unreadable(problem)
-            yield f"{path}:{n}", line
-    for where, problem in failed:
-        yield where, _Unreadable(problem)
+def _txt_lines(path: Path) -> Iterator[Record]:
+    first = next((r for r in lines(path) if isinstance(r.value, str) and r.value.strip()), None)
+    if first is not None and first.value.lstrip().startswith(("<doc", "<summary>")):
+        return lcsts_records(path)  # LCSTS's tagged PART_*.txt
+    return lines(path)
 
 
-def _jsonl_records(path: Path):
-    for where, line in _lines(path):
-        if isinstance(line, _Unreadable):
-            yield where, line
-        elif line.strip():
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, _Unreadable(f"invalid JSON: {e.msg} (column {e.colno})")
-
-
-def _json_records(path: Path, split: str | None):
+def _json_records(path: Path, split: str | None) -> Iterator[Record]:
     # A .json file is one value and has to be loaded whole; large sets should be .jsonl.
-    text = read_text(path)
-    if not text.strip():
+    shape, top = json_or_lines(path) if split is None else ("json", _load_split_file(path))
+    if shape == "jsonl":
+        yield from jsonl_records(path)
         return
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and split is None and _is_json(text.split("\n", 1)[0]):
-            # One value per line: JSON lines in a .json file (RedGPT-Dataset-V1-CN does this).
-            yield from _jsonl_records(path)
-            return
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if top is None:
+        return
+    if split is None and isinstance(top, dict) and keyed_by_id(top) and not _record_like(top):
+        yield from id_records(path, top)
+        return
     for key, items in _record_lists(top, split, path):
         label = f"{key} record" if key is not None else "record"
         for i, record in enumerate(items, 1):
-            yield f"{path}:{label} {i}", record
+            yield Record(f"{path}:{label} {i}", record)
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
+def _load_split_file(path: Path):
+    from babyllama.data.records import load_json
+
+    return load_json(path)
 
 
 def _record_lists(top, split: str | None, path: Path) -> list[tuple[str | None, list]]:
     """The record lists of a whole-file JSON/YAML value, as (key or None, records) pairs."""
     if split is not None:
         if not isinstance(top, dict):
-            raise UserError(f"{path}#{split}: the file holds {_json_type(top)}; #NAME selects a "
+            raise UserError(f"{path}#{split}: the file holds {json_type(top)}; #NAME selects a "
                             f"key of an object")
         if split not in top:
             raise UserError(f"{path}#{split}: no key '{split}' (keys: {', '.join(map(str, top))})")
         if not isinstance(top[split], list):
-            raise UserError(f"{path}#{split}: '{split}' is {_json_type(top[split])}, not a list")
+            raise UserError(f"{path}#{split}: '{split}' is {json_type(top[split])}, not a list")
         return [(split, top[split])]
     if isinstance(top, list):
         return [(None, top)]
     if not isinstance(top, dict):
         raise UserError(f"{path}:1: expected a list of records or an object, found "
-                        f"{_json_type(top)}")
+                        f"{json_type(top)}")
     conversations = top.get("conversations")
     if isinstance(conversations, list) and conversations and isinstance(conversations[0], list):
         return [(None, conversations)]  # the chatterbot layout, {categories, conversations}
@@ -342,269 +353,264 @@ def _record_like(d: dict) -> bool:
     return bool({"messages", "conversations", "conversation", "history"} & set(d))
 
 
-def _yml_records(path: Path, split: str | None):
-    try:
-        import yaml
-    except ImportError:
-        raise UserError(f"{path}: reading YAML needs PyYAML: pip install pyyaml") from None
-    try:
-        root = yaml.compose(read_text(path), Loader=yaml.BaseLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+def _yml_records(path: Path, split: str | None) -> Iterator[Record]:
+    top, root = yaml_value(path)
     if root is None:
         return
-    # BaseLoader keeps every scalar a string: `- 1984` or `- yes` in a conversation is text,
-    # not a number or a boolean.
-    top = _plain(root)
     for key, items in _record_lists(top, split, path):
         if key is None and isinstance(top, dict) and items is top.get("conversations"):
             key = "conversations"  # the chatterbot layout
-        node = root if key is None else _mapping_get(root, key)
-        if isinstance(node, yaml.SequenceNode):
-            lines = [n.start_mark.line + 1 for n in node.value]
-        else:
-            lines = [node.start_mark.line + 1]  # a single record
-        for line, record in zip(lines, items):
-            yield f"{path}:{line}", record
+        for line, record in zip(yaml_item_lines(root, key), items):
+            yield Record(f"{path}:{line}", record, line, line)
 
 
-def _plain(node):
-    """A composed YAML node as plain lists, dicts and strings."""
-    import yaml
-
-    if isinstance(node, yaml.ScalarNode):
-        return node.value
-    if isinstance(node, yaml.SequenceNode):
-        return [_plain(n) for n in node.value]
-    return {_plain(k): _plain(v) for k, v in node.value}
-
-
-def _mapping_get(node, key: str):
-    return next(v for k, v in node.value if k.value == key)
-
-
-def _csv_records(path: Path):
-    # Answers can be far longer than csv's default 128 KiB field limit.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # csv.reader reads our decoded lines, so line numbers and encoding errors stay exact even
-    # for quoted fields spanning lines; a row starts one line after the previous row ended.
-    unreadable: list[tuple[str, _Unreadable]] = []
-
-    def text_lines():
-        for where, line in _lines(path):
-            if isinstance(line, _Unreadable):
-                unreadable.append((where, line))
-                line = ""  # keeps csv's line count in step with the file
-            yield line + "\n"
-
-    reader = csv.reader(text_lines())
+def _csv_records(path: Path) -> Iterator[Record]:
+    # A row is named by the line it starts on, one after the previous row ended.
     header = None
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            yield from unreadable
-            return
-        except csv.Error as e:
-            row = _Unreadable(f"malformed CSV: {e}")
-        yield from unreadable
-        unreadable.clear()
-        if isinstance(row, _Unreadable):
-            yield f"{path}:{start}", row
-        elif not row:
-            continue
+    for record in csv_rows(path):
+        row = record.value
+        if isinstance(row, Unreadable):
+            yield record
         elif header is None:
             header = [name.strip().lower() for name in row]
         elif len(row) != len(header):
-            yield f"{path}:{start}", _Unreadable(f"row has {len(row)} fields, the header has "
-                                                 f"{len(header)}")
+            record.value = Unreadable(f"row has {len(row)} fields, the header has "
+                                      f"{len(header)}", "row width differs from the header")
+            yield record
         else:
-            yield f"{path}:{start}", dict(zip(header, row))
+            record.value = dict(zip(header, row))
+            yield record
 
 
-def _tsv_records(path: Path):
-    # Tab-separated files are not quoted (a `"` in an abstract is just a character), so they
-    # are split on tabs rather than read with the csv module.
+def _tsv_records(path: Path) -> Iterator[Record]:
     header, first = None, True
-    for where, line in _lines(path):
-        if isinstance(line, _Unreadable):
-            yield where, line
+    for record in tsv_rows(path):
+        fields = record.value
+        if isinstance(fields, Unreadable):
+            yield record
             continue
-        if not line.strip():
-            continue
-        fields = line.split("\t")
         if first and all(f.strip().lower() in _COLUMN_NAMES for f in fields):
             header = [f.strip().lower() for f in fields]
         elif header is None:
-            yield where, fields
+            yield record
         elif len(fields) != len(header):
-            yield where, _Unreadable(f"row has {len(fields)} fields, the header has "
-                                     f"{len(header)}")
+            record.value = Unreadable(f"row has {len(fields)} fields, the header has "
+                                      f"{len(header)}", "row width differs from the header")
+            yield record
         else:
-            yield where, dict(zip(header, fields))
+            record.value = dict(zip(header, fields))
+            yield record
         first = False
 
 
-def _filled(record) -> bool:
+def _filled(value) -> bool:
     """False for what detection must look past: a blank .txt line, an unreadable line."""
-    return not (isinstance(record, _Unreadable) or isinstance(record, str) and not record.strip())
+    if isinstance(value, Record):
+        value = value.value
+    return not (isinstance(value, Unreadable) or isinstance(value, str) and not value.strip())
 
 
-def _peek(records) -> list:
+def _peek(records) -> list[Record]:
     """The first records of a stream, up to _PEEK non-blank ones (consumed: chain them back)."""
     first, n = [], 0
-    for item in records:
-        first.append(item)
-        n += _filled(item[1])
+    for record in records:
+        first.append(record)
+        n += _filled(record)
         if n >= _PEEK:
             break
     return first
 
 
-_REDGPT_START = re.compile(r"\s*资料\s*[：:]")
-
-
-def _txt_records(lines, format: str):
-    """Records of a .txt: one per non-empty line, or line groups for the two text formats."""
-    if format == "llama2-text":
-        starts = lambda line: line.lstrip().startswith("<s>")  # noqa: E731
-    elif format == "babyllama-text":
-        starts = _REDGPT_START.match
-    else:
-        yield from ((where, line) for where, line in lines if _filled(line)
-                    or isinstance(line, _Unreadable))
+def _txt_records(records, fmt: Format) -> Iterator[Record]:
+    """Records of a .txt: one per non-empty line, or line groups for the multi-line formats."""
+    starts = fmt.starts_record
+    if starts is None:
+        yield from (r for r in records if _filled(r) or isinstance(r.value, Unreadable))
         return
     # Turns contain newlines and blank lines, so a record runs until the next start line.
-    where, group, broken = None, [], False
-    for line_where, line in lines:
-        if isinstance(line, _Unreadable):
-            yield line_where, line
+    head, group, broken = None, [], False
+    for record in records:
+        line = record.value
+        if isinstance(line, Unreadable):
+            yield record
             broken = bool(group)  # the conversation it belongs to lost a line: drop it too
             continue
         if group and starts(line):
             if not broken:
-                yield where, "\n".join(group).strip()
+                yield Record(head.where, "\n".join(group).strip(), head.line)
             group, broken = [], False
         if not group:
             if not line.strip():
                 continue
-            where = line_where
+            head = record
         group.append(line)
     if group and not broken:
-        yield where, "\n".join(group).strip()
+        yield Record(head.where, "\n".join(group).strip(), head.line)
 
 
 # ---------------------------------------------------------------------------------------------
 # Detection
 
+_REDGPT_START = re.compile(r"\s*资料\s*[：:]")
 _LLAMA2 = re.compile(r"<s>\s*(?:Human|System)\s*[:：]", re.IGNORECASE)
 _LABEL = re.compile(r"^[ \t]*(人类|助手|human|assistant)(?:[ \t]*[（(][^）)\n]{0,10}[）)])?[ \t]*[：:]",
                     re.IGNORECASE | re.MULTILINE)
 
 
-def _detect(path: Path, kind: str, first: list) -> str:
-    first = [(where, record) for where, record in first if _filled(record)]
+def _detect(path: Path, kind: str, first: list[Record]) -> Format:
+    first = [record for record in first if _filled(record)]
     if not first:
         raise UserError(f"{path}: no records to detect the conversation format from")
-    record = first[0][1]
+    sample = Sample(kind, [record.value for record in first])
+    for fmt in REGISTRY:
+        if fmt.detect is not None and fmt.detect(sample):
+            return fmt
+    raise UserError(f"{path}: cannot tell the conversation format ({_shape(sample, first)}); "
+                    f"name it with --format (known: {', '.join(FORMATS)})")
+
+
+def _shape(sample: Sample, first: list[Record]) -> str:
+    """What the file holds, in words, for the error when no format fits."""
+    record = sample.first
+    if first[0].key is not None:
+        ids = ", ".join(repr(r.key) for r in first[:3])
+        fields = ", ".join(sorted({str(k) for r in first for k in r.value}))
+        return f"an object keyed by ids ({ids}, …) whose values have fields: {fields}"
     if isinstance(record, dict):
-        name = _detect_fields(record)
-        if name is not None:
-            return name
-        fields = ", ".join(map(str, list(record)[:12])) or "none"
-        saw = f"first record's fields: {fields}"
-    elif isinstance(record, list):
-        if kind == "yml":
-            return "chatterbot"
-        if kind == "tsv" and len(record) == 3 and len(record[1]) > len(record[2]):
-            return "csl"  # prompt, abstract, title: the text is longer than its title
-        if len(record) >= 2 and all(isinstance(u, str) for u in record):
-            return _dialogue_kind([r for _, r in first])
-        saw = f"first record is a list of {len(record)} items"
-    elif isinstance(record, str) and kind == "txt":
-        line = record.strip()
-        if line.startswith("<s>"):
-            return "llama2-text"
-        if _REDGPT_START.match(line) or _LABEL.match(line):
-            return "babyllama-text"
-        if "\t" in line:
-            return _dialogue_kind([r for _, r in first if r.strip()])
-        saw = f"first line: {line[:40]!r}"
-    else:
-        saw = f"first record is {_json_type(record)}"
-    raise UserError(f"{path}: cannot tell the conversation format ({saw}); name it with "
-                    f"--format (known: {', '.join(FORMATS)})")
+        return f"first record's fields: {', '.join(map(str, list(record)[:12])) or 'none'}"
+    if isinstance(record, list):
+        return f"first record is a list of {len(record)} items"
+    if isinstance(record, str) and sample.kind == "txt":
+        return f"first line: {record.strip()[:40]!r}"
+    return f"first record is {json_type(record)}"
 
 
-def _detect_fields(record: dict) -> str | None:
-    keys = {str(k).lower() for k in record}
-    messages = record.get("messages")
-    if isinstance(messages, list):
-        first = messages[0] if messages else None
-        return "kdconv" if isinstance(first, dict) and "message" in first else "openai"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "conversation" in keys:
-        return "firefly"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "dialogue" in keys:
-        return "babyllama-text"
-    text = record.get("text")
-    if isinstance(text, str):
-        if _LLAMA2.search(text):
-            return "llama2-text"
-        if _REDGPT_START.match(text) or _LABEL.match(text):
-            return "babyllama-text"
-    if "summary" in keys and keys & {"text", "content"} or {"title", "content"} <= keys:
-        return "lcsts"
-    if any(a in keys and b in keys for a, b in _PROMPT_ANSWER):
-        return "prompt-answer"
+def _text_field(sample: Sample) -> str | None:
+    text = sample.first.get("text") if isinstance(sample.first, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def _txt_line(sample: Sample) -> str | None:
+    record = sample.first
+    return record.strip() if sample.kind == "txt" and isinstance(record, str) else None
+
+
+def _messages_first(sample: Sample):
+    """(whether `messages` is a list, its first item) of the first record."""
+    messages = sample.first.get("messages") if isinstance(sample.first, dict) else None
+    if not isinstance(messages, list):
+        return False, None
+    return True, messages[0] if messages else None
+
+
+def _is_kdconv(sample: Sample) -> bool:
+    found, first = _messages_first(sample)
+    return found and isinstance(first, dict) and "message" in first
+
+
+def _is_openai(sample: Sample) -> bool:
+    return _messages_first(sample)[0]
+
+
+def _is_llama2_text(sample: Sample) -> bool:
+    if "dialogue" in sample.keys:
+        return False
+    text = _text_field(sample)
+    line = _txt_line(sample)
+    return (text is not None and bool(_LLAMA2.search(text))) or \
+        (line is not None and line.startswith("<s>"))
+
+
+def _is_babyllama_text(sample: Sample) -> bool:
+    if "dialogue" in sample.keys:
+        return True
+    text = _text_field(sample) or _txt_line(sample)
+    return text is not None and bool(_REDGPT_START.match(text) or _LABEL.match(text))
+
+
+def _is_lcsts(sample: Sample) -> bool:
+    keys = sample.keys
+    return bool("summary" in keys and keys & {"text", "content"} or {"title", "content"} <= keys)
+
+
+def _is_prompt_answer(sample: Sample) -> bool:
+    keys = sample.keys
+    return bool(keys & set(PROMPT_FIELDS)) and bool(keys & {*ANSWER_FIELDS,
+                                                           *REFERENCE_ANSWER_FIELDS})
+
+
+def _is_csl(sample: Sample) -> bool:
+    record = sample.first
+    # prompt, abstract, title: the text is longer than its title
+    return sample.kind == "tsv" and isinstance(record, list) and len(record) == 3 and \
+        len(record[1]) > len(record[2])
+
+
+def _utterance_lists(sample: Sample) -> list | None:
+    """The first records as utterance lists, when the file holds dialogues; else None."""
+    record = sample.first
+    if sample.kind == "yml":
+        return None
+    if isinstance(record, list) and len(record) >= 2 and all(isinstance(u, str) for u in record):
+        return sample.records
+    line = _txt_line(sample)
+    if line is not None and "\t" in line:
+        return [r for r in sample.records if r.strip()]
     return None
 
 
-def _dialogue_kind(records: list) -> str:
-    """`lccc` when the text is split into single characters by spaces, else `dialogues`."""
+def _is_lccc(sample: Sample) -> bool:
+    """Dialogues whose text is split into single characters by spaces."""
+    records = _utterance_lists(sample)
+    if records is None:
+        return False
     tokens = [token for record in records
               for utterance in (record.split("\t") if isinstance(record, str) else record)
               if isinstance(utterance, str) for token in utterance.split()]
     single = sum(len(t) == 1 for t in tokens)
-    return "lccc" if len(tokens) >= 10 and single >= 0.9 * len(tokens) else "dialogues"
+    return len(tokens) >= 10 and single >= 0.9 * len(tokens)
+
+
+def _is_dialogues(sample: Sample) -> bool:
+    return _utterance_lists(sample) is not None
+
+
+def _is_chatterbot(sample: Sample) -> bool:
+    return sample.kind == "yml" and isinstance(sample.first, list)
 
 
 # ---------------------------------------------------------------------------------------------
 # Normal form
 
 def _finish(turns: list[tuple[str, object]], alternating: bool = False,
-            noun: str = "message") -> tuple[list[dict], str | None]:
-    """Validated messages and system prompt of (role, content) turns; raises _Bad."""
+            noun: str = "message") -> Parsed:
+    """Validated messages and system prompt of (role, content) turns; raises BadRecord."""
     system = None
     messages: list[dict] = []
     for i, (role, content) in enumerate(turns, 1):
         if not isinstance(content, str):
-            raise _Bad(f"{noun} {i} is {_json_type(content)}, not a string")
+            raise BadRecord(f"{noun} {i} is {json_type(content)}, not a string")
         content = content.strip()
         if not content:
-            raise _Bad(f"{noun} {i} ({role}) is empty")
+            raise BadRecord(f"{noun} {i} ({role}) is empty")
         if role == "system":
             if messages:
-                raise _Bad(f"{noun} {i} is a system message inside the conversation; only a "
-                           f"leading one is supported")
+                raise BadRecord(f"{noun} {i} is a system message inside the conversation; "
+                                f"only a leading one is supported")
             system = content if system is None else f"{system}\n{content}"
         elif messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n" + content
         else:
             messages.append({"role": role, "content": content})
-    if alternating and messages and messages[-1]["role"] == "user":
-        messages.pop()  # the last utterance got no reply: nothing to learn from it
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Bad("a single utterance, no reply" if alternating else "no assistant turn")
-    if messages[-1]["role"] != "assistant":
-        raise _Bad("the conversation ends with a user turn (no reply to learn from)")
-    return messages, system
+        raise BadRecord("a single utterance, no reply" if alternating else "no assistant turn")
+    unanswered = 0
+    if messages[-1]["role"] == "user":
+        # The last turn got no reply: nothing to learn from it, but the answered turns before
+        # it are still good data (a truncated export, a user who left).
+        messages.pop()
+        unanswered = 0 if alternating else 1
+    return Parsed(messages, system, None, unanswered)
 
 
 def _alternate(utterances: list) -> list[tuple[str, object]]:
@@ -614,13 +620,13 @@ def _alternate(utterances: list) -> list[tuple[str, object]]:
 def _role(value, i: int) -> str:
     role = _ROLES.get(value.strip().lower()) if isinstance(value, str) else None
     if role is None:
-        raise _Bad(f"message {i} has unknown role {value!r} (known: {', '.join(_ROLES)})")
+        raise BadRecord(f"message {i} has unknown role {value!r} (known: {', '.join(_ROLES)})")
     return role
 
 
 def _object(record) -> dict:
     if not isinstance(record, dict):
-        raise _Bad(f"expected an object, found {_json_type(record)}")
+        raise BadRecord(f"expected an object, found {json_type(record)}")
     return record
 
 
@@ -631,20 +637,20 @@ def _field(record: dict, *names: str):
             return record[name]
     fields = ", ".join(map(str, list(record)[:10])) or "none"
     wanted = "' or '".join(names)
-    raise _Bad(f"no '{wanted}' field (fields: {fields})")
+    raise BadRecord(f"no '{wanted}' field (fields: {fields})")
 
 
 def _string(value, name: str, optional: bool = False) -> str:
     if optional and value is None:
         return ""
     if not isinstance(value, str):
-        raise _Bad(f"'{name}' is {_json_type(value)}, not a string")
+        raise BadRecord(f"'{name}' is {json_type(value)}, not a string")
     return value
 
 
 def _list(value, name: str) -> list:
     if not isinstance(value, list):
-        raise _Bad(f"'{name}' is {_json_type(value)}, not a list")
+        raise BadRecord(f"'{name}' is {json_type(value)}, not a list")
     return value
 
 
@@ -654,13 +660,11 @@ def _system(record: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsers: record -> (messages, system, document), raising _Bad
-
-Parsed = tuple[list[dict], str | None, str | None]
-
+# Parsers: record -> Parsed, raising BadRecord
 
 def _parse_openai(record, seed: int) -> Parsed:
-    return _parse_message_list(record, "messages", ("role",), ("content",))
+    return _parse_message_list(record, "messages", ("role", "speaker"),
+                               ("content", "text"))
 
 
 def _parse_sharegpt(record, seed: int) -> Parsed:
@@ -674,18 +678,19 @@ def _parse_message_list(record, field: str, role_keys: tuple[str, ...],
         key = next((k for k in keys if k in m), None)
         if key is None:
             alias = f" (or {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
-            raise _Bad(f"message {i} has no {keys[0]!r}{alias}")
+            raise BadRecord(f"message {i} has no {keys[0]!r}{alias}")
         return m[key]
 
     record = _object(record)
     turns = []
     for i, m in enumerate(_list(_field(record, field), field), 1):
         if not isinstance(m, dict):
-            raise _Bad(f"message {i} is {_json_type(m)}, not an object")
+            raise BadRecord(f"message {i} is {json_type(m)}, not an object")
         role = named(m, role_keys, i)
         turns.append((_role(role, i), _content_text(named(m, content_keys, i), i)))
-    messages, system = _finish(turns)
-    return messages, system or _system(record), None
+    parsed = _finish(turns)
+    parsed.system = parsed.system or _system(record)
+    return parsed
 
 
 def _content_text(content, i: int):
@@ -694,7 +699,7 @@ def _content_text(content, i: int):
         if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                for p in content):
             return "".join(p["text"] for p in content)
-        raise _Bad(f"message {i} content is a list with non-text parts")
+        raise BadRecord(f"message {i} content is a list with non-text parts")
     return content
 
 
@@ -704,11 +709,11 @@ def _parse_alpaca(record, seed: int) -> Parsed:
     extra = _string(record.get("input"), "input", optional=True).strip()
     output = _string(_field(record, "output"), "output")
     if not output.strip():
-        raise _Bad("'output' is empty (an empty assistant turn)")
+        raise BadRecord("'output' is empty (an empty assistant turn)")
     turns: list[tuple[str, object]] = []
     for i, pair in enumerate(_list(record.get("history") or [], "history"), 1):
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise _Bad(f"history item {i} is not a [question, answer] pair")
+            raise BadRecord(f"history item {i} is not a [question, answer] pair")
         turns += [("user", pair[0]), ("assistant", pair[1])]
     labelled = _labelled_turns(instruction)[1] if _LABEL.match(instruction) else []
     if labelled and labelled[-1][0] == "assistant" and not labelled[-1][1].strip():
@@ -719,11 +724,11 @@ def _parse_alpaca(record, seed: int) -> Parsed:
     else:
         user = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
         if not user:
-            raise _Bad("'instruction' and 'input' are both empty")
+            raise BadRecord("'instruction' and 'input' are both empty")
         turns.append(("user", user))
     turns.append(("assistant", output))
-    messages, _ = _finish(turns)
-    return messages, _system(record), None
+    parsed = _finish(turns)
+    return Parsed(parsed.messages, _system(record))
 
 
 def _parse_firefly(record, seed: int) -> Parsed:
@@ -731,13 +736,13 @@ def _parse_firefly(record, seed: int) -> Parsed:
     turns = []
     for i, turn in enumerate(_list(_field(record, "conversation"), "conversation"), 1):
         if not isinstance(turn, dict):
-            raise _Bad(f"turn {i} is {_json_type(turn)}, not an object")
+            raise BadRecord(f"turn {i} is {json_type(turn)}, not an object")
         for key, role in (("human", "user"), ("assistant", "assistant")):
             if key not in turn:
-                raise _Bad(f"turn {i} has no '{key}'")
+                raise BadRecord(f"turn {i} has no '{key}'")
             turns.append((role, turn[key]))
-    messages, _ = _finish(turns)
-    return messages, _system(record), None
+    parsed = _finish(turns)
+    return Parsed(parsed.messages, _system(record))
 
 
 def _parse_kdconv(record, seed: int) -> Parsed:
@@ -745,13 +750,13 @@ def _parse_kdconv(record, seed: int) -> Parsed:
     utterances, knowledge = [], {}  # dict as an ordered set of document lines
     for i, m in enumerate(_list(_field(record, "messages"), "messages"), 1):
         if not isinstance(m, dict) or "message" not in m:
-            raise _Bad(f"message {i} has no 'message'")
+            raise BadRecord(f"message {i} has no 'message'")
         utterances.append(m["message"])
         for attr in m.get("attrs") or []:
             if isinstance(attr, dict) and isinstance(attr.get("attrvalue"), str):
                 knowledge[_knowledge_line(attr)] = None
-    messages, _ = _finish(_alternate(utterances), alternating=True, noun="utterance")
-    return messages, None, "\n".join(knowledge) or None
+    parsed = _finish(_alternate(utterances), alternating=True, noun="utterance")
+    return Parsed(parsed.messages, None, "\n".join(knowledge) or None)
 
 
 def _knowledge_line(attr: dict) -> str:
@@ -786,15 +791,18 @@ def _parse_babyllama_text(record, seed: int) -> Parsed:
         text = _string(record, "record")
     prefix, turns = _labelled_turns(text)
     if not turns:
-        raise _Bad("no '人类：' / '助手：' (or Human: / Assistant:) turns")
+        raise BadRecord("no '人类：' / '助手：' (or Human: / Assistant:) turns")
     head = prefix.strip()
     if head:
         m = _REDGPT_START.match(head)
         if m is None:
-            raise _Bad(f"text before the first turn does not start with '资料：': {head[:30]!r}")
+            raise BadRecord(f"text before the first turn does not start with '资料：': "
+                            f"{head[:30]!r}")
         document = document or head[m.end():].strip() or None
-    messages, _ = _finish(turns, noun="turn")
-    return messages, _system(record) if isinstance(record, dict) else None, document
+    parsed = _finish(turns, noun="turn")
+    parsed.system = _system(record) if isinstance(record, dict) else None
+    parsed.document = document
+    return parsed
 
 
 _LLAMA2_ROLE = re.compile(r"\s*(Human|Assistant|System)\s*[:：]", re.IGNORECASE)
@@ -805,7 +813,7 @@ def _parse_llama2_text(record, seed: int) -> Parsed:
         _string(record, "record")
     parts = text.split("<s>")
     if parts[0].strip():
-        raise _Bad(f"text before the first <s>: {parts[0].strip()[:30]!r}")
+        raise BadRecord(f"text before the first <s>: {parts[0].strip()[:30]!r}")
     turns = []
     for i, part in enumerate(parts[1:], 1):
         part = part.strip()
@@ -815,67 +823,67 @@ def _parse_llama2_text(record, seed: int) -> Parsed:
             continue
         m = _LLAMA2_ROLE.match(part)
         if m is None:
-            raise _Bad(f"segment {i} does not start with 'Human:' or 'Assistant:': {part[:30]!r}")
+            raise BadRecord(f"segment {i} does not start with 'Human:' or 'Assistant:': "
+                            f"{part[:30]!r}")
         turns.append((_role(m.group(1), i), part[m.end():]))
-    messages, system = _finish(turns, noun="segment")
-    return messages, system, None
+    return _finish(turns, noun="segment")
 
 
 def _parse_prompt_answer(record, seed: int) -> Parsed:
     record = {str(k).strip().lower(): v for k, v in _object(record).items()}
-    for prompt, answer in _PROMPT_ANSWER:
-        if prompt in record and answer in record:
-            user = _string(record[prompt], prompt)
-            reply = _string(record[answer], answer)
-            if not reply.strip():
-                raise _Bad(f"'{answer}' is empty (an empty assistant turn)")
-            messages, _ = _finish([("user", user), ("assistant", reply)])
-            return messages, _system(record), None
-    fields = ", ".join(record) or "none"
-    raise _Bad(f"no prompt/answer fields (fields: {fields})")
+    prompt = next((name for name in PROMPT_FIELDS if name in record), None)
+    answer = next((name for name in (*ANSWER_FIELDS, *REFERENCE_ANSWER_FIELDS)
+                   if name in record and name != prompt), None)
+    if prompt is None or answer is None:
+        raise BadRecord(f"no prompt/answer fields (fields: {', '.join(record) or 'none'})")
+    user = _string(record[prompt], prompt)
+    reply = _string(record[answer], answer)
+    if not reply.strip():
+        raise BadRecord(f"'{answer}' is empty (an empty assistant turn)")
+    parsed = _finish([("user", user), ("assistant", reply)])
+    return Parsed(parsed.messages, _system(record))
 
 
 def _summary_pair(text, summary, text_name: str, summary_name: str) -> tuple[str, str]:
     text = _string(text, text_name).strip()
     summary = _string(summary, summary_name).strip()
     if not text:
-        raise _Bad(f"'{text_name}' is empty")
+        raise BadRecord(f"'{text_name}' is empty")
     if not summary:
-        raise _Bad(f"'{summary_name}' is empty (an empty assistant turn)")
+        raise BadRecord(f"'{summary_name}' is empty (an empty assistant turn)")
     return text, summary
 
 
 def _parse_csl(record, seed: int) -> Parsed:
     if isinstance(record, list):
         if len(record) != 3:
-            raise _Bad(f"expected 3 tab-separated fields (prompt, text, title), found "
-                       f"{len(record)}")
+            raise BadRecord(f"expected 3 tab-separated fields (prompt, text, title), found "
+                            f"{len(record)}")
         text, summary = _summary_pair(record[1], record[2], "text", "title")
     else:
         record = _object(record)
         text, summary = _summary_pair(_field(record, "abstract", "text"),
                                       _field(record, "title"), "abstract", "title")
-    return sft_augment.summary_messages(text, summary, seed), None, None
+    return Parsed(sft_augment.summary_messages(text, summary, seed))
 
 
 def _parse_lcsts(record, seed: int) -> Parsed:
     record = _object(record)
     text, summary = _summary_pair(_field(record, "text", "content"),
                                   _field(record, "summary", "title"), "text", "summary")
-    return sft_augment.summary_messages(text, summary, seed), None, None
+    return Parsed(sft_augment.summary_messages(text, summary, seed))
 
 
 def _utterances(record) -> list:
     if isinstance(record, str):
         return record.split("\t")
     if not isinstance(record, list):
-        raise _Bad(f"expected a list of utterances, found {_json_type(record)}")
+        raise BadRecord(f"expected a list of utterances, found {json_type(record)}")
     return record
 
 
 def _parse_dialogues(record, seed: int) -> Parsed:
-    messages, _ = _finish(_alternate(_utterances(record)), alternating=True, noun="utterance")
-    return messages, None, None
+    return _finish(_alternate(_utterances(record)), alternating=True, noun="utterance")
 
 
 # LCCC splits every character (Latin letters and digits too: "M T K", "2 4 岁") by a space. A
@@ -892,23 +900,43 @@ def unsplit_characters(text: str) -> str:
 def _parse_lccc(record, seed: int) -> Parsed:
     utterances = [unsplit_characters(u) if isinstance(u, str) else u
                   for u in _utterances(record)]
-    messages, _ = _finish(_alternate(utterances), alternating=True, noun="utterance")
-    return messages, None, None
+    return _finish(_alternate(utterances), alternating=True, noun="utterance")
 
 
-_PARSERS: dict[str, Callable[[object, int], Parsed]] = {
-    "openai": _parse_openai,
-    "sharegpt": _parse_sharegpt,
-    "alpaca": _parse_alpaca,
-    "firefly": _parse_firefly,
-    "kdconv": _parse_kdconv,
-    "babyllama-text": _parse_babyllama_text,
-    "llama2-text": _parse_llama2_text,
-    "prompt-answer": _parse_prompt_answer,
-    "csl": _parse_csl,
-    "lcsts": _parse_lcsts,
-    "dialogues": _parse_dialogues,
-    "lccc": _parse_lccc,
-    "chatterbot": _parse_dialogues,
-}
-assert set(_PARSERS) == set(FORMATS)
+# ---------------------------------------------------------------------------------------------
+# The registry: detection tries the entries in this order; FORMATS lists them by name.
+
+REGISTRY: tuple[Format, ...] = (
+    Format("openai", "{messages: [{role, content}]} (roles user/usr/human, assistant/sys/bot)",
+           _parse_openai, lambda s: _is_openai(s) and not _is_kdconv(s)),
+    Format("sharegpt", "{conversations: [{from, value}]} (human/gpt; role/content too)",
+           _parse_sharegpt, lambda s: "conversations" in s.keys and not _is_openai(s)),
+    Format("alpaca", "{instruction, input, output} (+ system, history), Alpaca/BELLE",
+           _parse_alpaca, lambda s: {"instruction", "output"} <= s.keys
+           and not (_is_openai(s) or s.keys & {"conversations", "conversation"})),
+    Format("firefly", "{conversation: [{human, assistant}]} (+ system), Firefly/MOSS",
+           _parse_firefly, lambda s: "conversation" in s.keys and not
+           (_is_openai(s) or "conversations" in s.keys)),
+    Format("kdconv", "{name, messages: [{message, attrs}]}, KdConv; knowledge becomes the "
+           "document", _parse_kdconv, _is_kdconv),
+    Format("babyllama-text", "资料：…\\n\\n人类：…\\n\\n助手：… text (text/dialogue field, .txt), "
+           "RedGPT", _parse_babyllama_text, lambda s: _is_babyllama_text(s)
+           and not _is_llama2_text(s), _REDGPT_START.match),
+    Format("llama2-text", "<s>Human: …</s><s>Assistant: …</s> text (text field, .txt)",
+           _parse_llama2_text, _is_llama2_text, lambda line: line.lstrip().startswith("<s>")),
+    Format("prompt-answer", "single-turn question/answer fields or columns (prompt, query, "
+           "input, instruction; response, output, target, reference_answer)",
+           _parse_prompt_answer, lambda s: _is_prompt_answer(s) and not _is_lcsts(s)),
+    Format("csl", "CSL summarization TSV: prompt<TAB>text<TAB>title, as a dialogue",
+           _parse_csl, _is_csl),
+    Format("lcsts", "{summary, text} or {title, content} summarization pairs (LCSTS .txt too), "
+           "as a dialogue", _parse_lcsts, _is_lcsts),
+    Format("dialogues", "lists of alternating utterances (JSON lists, tab-separated lines)",
+           _parse_dialogues, lambda s: _is_dialogues(s) and not _is_lccc(s)),
+    Format("lccc", "dialogues with character-split text (LCCC); the spaces are removed",
+           _parse_lccc, _is_lccc),
+    Format("chatterbot", "chatterbot-corpus YAML: conversations: [[a, b, ...]]",
+           _parse_dialogues, _is_chatterbot),
+)
+FORMAT_BY_NAME = {fmt.name: fmt for fmt in REGISTRY}
+FORMATS = {fmt.name: fmt.shape for fmt in REGISTRY}

@@ -3,23 +3,23 @@
 `iter_documents(source)` yields one string per document from a `.txt` (one per non-empty line),
 `.jsonl`, `.json` (a list), `.parquet` or `.csv` file, a gzip-compressed `.txt.gz` / `.jsonl.gz`
 / `.json.gz` / `.csv.gz`, a directory holding such files, or a built-in corpus
-(`builtin:peoples-daily`, `builtin:reviews`).
+(`builtin:peoples-daily`, `builtin:reviews`). The files are read by `data/records.py`.
 
 Bad input is a user mistake, not a bug: it raises `UserError("file:line: problem")` with the
 line number (and byte offset for encoding errors), so a user can open the file at the spot.
-With `skip_bad=True` a malformed record is skipped and counted in a `BadRecords` instead;
-empty or whitespace-only documents are always skipped silently (they are not errors).
+With `skip_bad=True` a malformed record is skipped and counted in a `BadRecords` instead, by
+reason; a record without the text field names its fields and the `--text-field` that would
+read it. Empty or whitespace-only documents are always skipped silently (they are not errors).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
-import sys
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
+                                    json_or_lines, json_type, jsonl_records, lines,
+                                    parquet_column)
 from babyllama.errors import UserError
 
 # Extensions by the reader that handles them; `.gz` variants are matched on the inner suffix.
@@ -27,52 +27,22 @@ READERS_BY_SUFFIX = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parque
                      ".csv": "csv"}
 SUPPORTED = ".txt, .jsonl, .json, .parquet, .csv (and .txt.gz, .jsonl.gz, .json.gz, .csv.gz)"
 BUILTIN_PREFIX = "builtin:"
+# Fields that hold a document's text in common data sets, in the order --text-field is
+# suggested when a record has no `text` (alpaca-style sets: `output`).
+TEXT_LIKE = ("content", "output", "response", "answer", "completion", "target", "body",
+             "article", "document", "passage", "abstract", "summary", "text")
 
-
-class BadRecords:
-    """Counts records skipped under `skip_bad=True` and remembers where the first few were."""
-
-    KEEP = 5
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.locations: list[str] = []  # "path:line" of the first KEEP bad records
-        self.problems: list[str] = []   # the matching one-line messages
-
-    def add(self, location: str, problem: str) -> None:
-        self.count += 1
-        if len(self.locations) < self.KEEP:
-            self.locations.append(location)
-            self.problems.append(f"{location}: {problem}")
-
-    def summary(self) -> str:
-        if self.count == 0:
-            return "no bad records"
-        first = "; ".join(self.problems[:2])
-        return f"{self.count} bad record{'s' if self.count != 1 else ''} skipped (first: {first})"
-
-    def to_dict(self) -> dict:
-        return {"count": self.count, "locations": list(self.locations),
-                "problems": list(self.problems)}
-
-
-class _Reporter:
-    """Raises or counts a bad record, depending on skip_bad."""
-
-    def __init__(self, skip_bad: bool, bad: BadRecords | None) -> None:
-        self.skip_bad = skip_bad
-        self.bad = bad if bad is not None else BadRecords()
-
-    def __call__(self, location: str, problem: str) -> None:
-        if not self.skip_bad:
-            raise UserError(f"{location}: {problem}")
-        self.bad.add(location, problem)
+__all__ = ["BUILTIN_PREFIX", "BadRecords", "READERS_BY_SUFFIX", "SUPPORTED", "as_source_list",
+           "iter_documents", "iter_sources", "require_documents", "suggest_text_field"]
 
 
 def iter_documents(source, text_field: str = "text", skip_bad: bool = False,
                    bad: BadRecords | None = None) -> Iterator[str]:
-    """Yield the documents of one source (path, directory or `builtin:NAME`) in file order."""
-    report = _Reporter(skip_bad, bad)
+    """Yield the documents of one source (path, directory or `builtin:NAME`) in file order.
+
+    Raises UserError for a missing or unsupported file and, unless `skip_bad`, for the first
+    bad record (`file:line: problem`); with `skip_bad` bad records are counted in `bad`."""
+    report = Reporter(skip_bad, bad)
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
         from babyllama.data.builtin import iter_builtin
         yield from iter_builtin(source)
@@ -124,6 +94,16 @@ def require_documents(documents: Iterable[str], sources,
         raise UserError(f"empty corpus: {names} holds no non-empty documents{skipped}")
 
 
+def suggest_text_field(record: dict) -> str | None:
+    """The field of a record most likely to hold its text: a common text field name holding a
+    string, else the longest string value; None if no field holds a string."""
+    strings = {k: v for k, v in record.items() if isinstance(v, str) and v.strip()}
+    for name in TEXT_LIKE:
+        if name in strings:
+            return name
+    return max(strings, key=lambda k: len(strings[k]), default=None)
+
+
 def _files_in(directory: Path) -> list[Path]:
     """Supported files below a directory, sorted so the document order is reproducible.
     Hidden files and, as in Hadoop/Spark output folders, files starting with "_" (metadata such
@@ -134,184 +114,95 @@ def _files_in(directory: Path) -> list[Path]:
 
 
 def _kind(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        inner = suffixes[-2] if len(suffixes) >= 2 else ""
-        return READERS_BY_SUFFIX.get(inner) if inner != ".parquet" else None
-    return READERS_BY_SUFFIX.get(path.suffix.lower())
+    kind = file_kind(path, READERS_BY_SUFFIX)
+    return None if kind == "parquet" and path.suffix.lower() == ".gz" else kind
 
 
-def _iter_file(path: Path, text_field: str, report: _Reporter) -> Iterator[str]:
+def _iter_file(path: Path, text_field: str, report: Reporter) -> Iterator[str]:
     kind = _kind(path)
     if kind is None:
         raise UserError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'"
                         f" (supported: {SUPPORTED})")
     if kind == "parquet":
-        yield from _read_parquet(path, text_field, report)
-        return
-    with _open_binary(path) as f:
-        if kind == "txt":
-            yield from _read_txt(path, f, report)
-        elif kind == "jsonl":
-            yield from _read_jsonl(path, f, text_field, report)
-        elif kind == "json":
-            yield from _read_json(path, f, text_field, report)
-        else:
-            yield from _read_csv(path, f, text_field, report)
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
-
-
-def _decoded_lines(path: Path, f: IO[bytes], report: _Reporter) -> Iterator[tuple[int, str]]:
-    """(line number, text without newline) for each line, decoding strictly line by line.
-
-    Decoding per line (rather than opening in text mode) is what lets an encoding error name
-    its line and byte offset; a line that is not UTF-8 is a bad record.
-    """
-    offset = 0  # byte offset of the current line's start within the (uncompressed) file
-    for lineno, raw in enumerate(f, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            byte = raw[e.start]
-            report(f"{path}:{lineno}", f"not UTF-8: byte 0x{byte:02x} at byte offset "
-                   f"{offset + e.start} (column {e.start + 1} of the line); re-encode the file "
-                   f"as UTF-8 (e.g. iconv -f GBK -t UTF-8)")
-            offset += len(raw)
-            continue
-        offset += len(raw)
-        if lineno == 1 and line.startswith("\ufeff"):  # a BOM left by some Windows editors
-            line = line[1:]
-        yield lineno, line.rstrip("\r\n")
-
-
-def _read_txt(path: Path, f: IO[bytes], report: _Reporter) -> Iterator[str]:
-    for _, line in _decoded_lines(path, f, report):
-        yield line
-
-
-def _read_jsonl(path: Path, f: IO[bytes], text_field: str, report: _Reporter) -> Iterator[str]:
-    for lineno, line in _decoded_lines(path, f, report):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            report(where, f"invalid JSON: {e.msg} (column {e.colno})")
-            continue
-        text = _text_of(record, text_field, where, report)
+        records = parquet_column(path, text_field)
+    elif kind == "txt":
+        records = lines(path)
+    elif kind == "jsonl":
+        records = jsonl_records(path)
+    elif kind == "json":
+        records = _json_items(path)
+    else:
+        records = _csv_texts(path, text_field)
+    for record in records:
+        text = _text_of(record, text_field, kind, report)
         if text is not None:
             yield text
 
 
-def _read_json(path: Path, f: IO[bytes], text_field: str, report: _Reporter) -> Iterator[str]:
+def _json_items(path: Path) -> Iterator[Record]:
     # A .json file is one JSON value, so it has to be loaded whole; corpora too large for memory
     # should be .jsonl or .parquet, which stream.
-    data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        lineno = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{lineno}: not UTF-8: byte 0x{data[e.start]:02x} at byte offset "
-                        f"{e.start}; re-encode the file as UTF-8") from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    shape, items = json_or_lines(path)
+    if shape == "jsonl":
+        yield from jsonl_records(path)
+        return
+    if items is None:
+        return
     if not isinstance(items, list):
         raise UserError(f"{path}:1: expected a JSON list of objects or strings, "
                         f"found {type(items).__name__}")
-    for i, record in enumerate(items, 1):
+    for i, item in enumerate(items, 1):
         # json.loads keeps no positions, so items are located by their 1-based index.
-        value = _text_of(record, text_field, f"{path}: item {i}", report)
-        if value is not None:
-            yield value
+        yield Record(f"{path}: item {i}", item)
 
 
-def _read_csv(path: Path, f: IO[bytes], text_field: str, report: _Reporter) -> Iterator[str]:
-    # Documents can be far longer than csv's default 128 KiB field limit.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # csv.reader accepts any iterable of lines; feeding it our decoded lines keeps line numbers
-    # and encoding errors exact even for quoted fields that span lines.
-    lines = (line + "\n" for _, line in _decoded_lines(path, f, report))
-    reader = csv.reader(lines)
-    try:
-        header = next(reader, None)
-    except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
-    if header is None:
-        return
-    if text_field not in header:
-        raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(header)}); "
-                        f"choose one with --text-field")
-    column = header.index(text_field)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            report(f"{path}:{reader.line_num}", f"malformed CSV: {e}")
-            continue
-        if not row:
-            continue
-        if column >= len(row):
-            report(f"{path}:{reader.line_num}",
-                   f"row has {len(row)} fields, no value for column '{text_field}'")
-            continue
-        yield row[column]
+def _csv_texts(path: Path, text_field: str) -> Iterator[Record]:
+    column = None
+    for record in csv_rows(path):
+        row = record.value
+        if isinstance(row, Unreadable):
+            yield record
+        elif column is None:
+            if text_field not in row:
+                raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(row)});"
+                                f" choose one with --text-field")
+            column = row.index(text_field)
+        elif column >= len(row):
+            record.value = Unreadable(f"row has {len(row)} fields, no value for column "
+                                      f"'{text_field}'", "row too short")
+            yield record
+        else:
+            record.value = row[column]
+            yield record
 
 
-def _read_parquet(path: Path, text_field: str, report: _Reporter) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading .parquet needs pyarrow: pip install 'babyllama[parquet]'"
-                        ) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid & co. for a damaged file
-        raise UserError(f"{path}: not a readable parquet file: {e}") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(names)}); "
-                        f"choose one with --text-field")
-    row = 0
-    # Row-group batches keep memory bounded however large the file is.
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if isinstance(value, str):
-                yield value
-            elif value is None:
-                report(f"{path}:{row}", f"row {row}: '{text_field}' is null")
-            else:
-                report(f"{path}:{row}",
-                       f"row {row}: '{text_field}' is {type(value).__name__}, not a string")
-
-
-def _text_of(record, text_field: str, where: str, report: _Reporter) -> str | None:
-    """The text of one JSON record (an object with text_field, or a bare string), or None."""
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        report(where, f"expected a JSON object or string, found {_json_type(record)}")
+def _text_of(record: Record, text_field: str, kind: str, report: Reporter) -> str | None:
+    """The text of one record (an object with text_field, or a bare string), or None."""
+    value = record.value
+    if isinstance(value, Unreadable):
+        report(record.where, value.problem, value.reason)
         return None
-    if text_field not in record:
-        fields = ", ".join(list(record)[:10]) or "none"
-        report(where, f"no '{text_field}' field (fields: {fields}); choose one with --text-field")
+    if isinstance(value, str):
+        return value
+    if kind == "parquet":
+        what = "null" if value is None else f"{type(value).__name__}, not a string"
+        report(record.where, f"row {record.line}: '{text_field}' is {what}",
+               f"'{text_field}' is not a string")
         return None
-    value = record[text_field]
-    if not isinstance(value, str):
-        report(where, f"'{text_field}' is {_json_type(value)}, not a string")
+    if not isinstance(value, dict):
+        report(record.where, f"expected a JSON object or string, found {json_type(value)}",
+               "not a JSON object or string")
         return None
-    return value
-
-
-def _json_type(value) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+    if text_field not in value:
+        fields = ", ".join(list(value)[:10]) or "none"
+        suggested = suggest_text_field(value)
+        hint = f", e.g. --text-field {suggested}" if suggested else ""
+        report(record.where, f"no '{text_field}' field (fields: {fields}); choose one with "
+               f"--text-field{hint}", f"no '{text_field}' field")
+        return None
+    text = value[text_field]
+    if not isinstance(text, str):
+        report(record.where, f"'{text_field}' is {json_type(text)}, not a string",
+               f"'{text_field}' is not a string")
+        return None
+    return text

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from babyllama.data.shards import _val_score
+from babyllama.data.shards import val_score
 from babyllama.tokenizer.chat_template import fit_chat
 
 IGNORE = -100  # target value the loss skips
@@ -50,9 +50,13 @@ class BuildStats:
     reasons: Counter = field(default_factory=Counter)  # why conversations were dropped
     turns_dropped: int = 0       # messages removed to fit, over all conversations
     documents_shortened: int = 0
+    unanswered: int = 0          # conversations whose trailing unanswered user turn was dropped
 
     def summary(self) -> str:
         s = f"{self.conversations:,} conversations -> {self.examples:,} examples"
+        if self.unanswered:
+            s += (f"; {self.unanswered:,} ended with an unanswered user turn (dropped; trained "
+                  f"on their answered turns)")
         if self.truncated:
             s += (f"; {self.truncated:,} truncated ({self.turns_dropped:,} older turns removed, "
                   f"{self.documents_shortened:,} documents shortened)")
@@ -74,6 +78,7 @@ def build_examples(conversations, tokenizer, max_len: int, *, template: str | No
     examples = []
     for conv in conversations:
         stats.conversations += 1
+        stats.unanswered += conv.unanswered > 0
         fitted = _fit(conv, tokenizer, max_len, template)
         if isinstance(fitted, str):
             stats.dropped += 1
@@ -113,7 +118,7 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     least two items, val gets at least one and train keeps at least one."""
     if not 0 <= fraction < 1:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    scores = [_val_score(seed, i) for i in range(len(items))]
+    scores = [val_score(seed, i) for i in range(len(items))]
     is_val = [s < fraction for s in scores]
     if fraction > 0 and len(items) >= 2:
         if not any(is_val):

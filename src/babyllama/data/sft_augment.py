@@ -1,10 +1,10 @@
-"""Data recipes of the seed projects that turn or vary SFT conversations.
+"""Data recipes from small Chinese chat-model projects that turn or vary SFT conversations.
 
-- Summarization as dialogue (seed 0): a (text, summary) pair such as a paper abstract and its
+- Summarization as dialogue (how the babyllama write-up trains on LCSTS and CSL): a (text, summary) pair such as a paper abstract and its
   title (CSL) or a news text and its summary (LCSTS) becomes one user question and one
   assistant answer. A question template and an answer template are drawn per sample, so the
   model learns the task and not one fixed phrasing.
-- Constraint shuffle (seed 4): an instruction that lists its constraints as `key：value` lines
+- Constraint shuffle (from the Chinese TinyStories write-up): an instruction that lists its constraints as `key：value` lines
   (`主题：春天`, `字数：200字`) means the same whatever order they come in; shuffling them
   teaches the model not to depend on that order.
 

@@ -215,7 +215,7 @@ class _Page:
     today: date | None = None
 
 
-_PAGE: ContextVar[_Page] = ContextVar("wikitext_page", default=_Page())
+_PAGE: ContextVar[_Page] = ContextVar("wikitext_page", default=_Page())  # noqa: B039 (frozen: never mutated)
 
 
 class _Args:

@@ -15,27 +15,31 @@ since comparing options side by side is easier than judging each alone. Reportin
 for every question shows which regime a run is in.
 
 Layouts: a folder of split subfolders (CMMLU: dev/ test/ with `<subject>.csv`; C-Eval:
-dev/ val/ test/ with `<subject>_<split>.csv`), one `.csv` file, or one `.jsonl` file of
-{"question", "choices": [...] or "A"/"B"/... keys, "answer": letter or 0-based index,
-optional "subject"}. Few-shot examples come from the dev split of the same subject, or from a
-separate shots file.
+dev/ val/ test/ with `<subject>_<split>.csv`), one `.csv` file, or one `.jsonl` / `.json`
+(a list) file of {"question", "choices" / "options" / "choice": [...] or "A"/"B"/... keys,
+"answer": a letter, a 0-based index or the option's text, optional "subject"}.
+Reading-comprehension sets (C3, RACE-style) add a passage ("passage", "context", "article" or
+"document"; a list of lines is joined), shown before the question as `文章：...`; a CSV may
+have such a column too. Few-shot examples come from the dev split of the same subject, or
+from a separate shots file. Files are read by `babyllama.data.records`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from babyllama.data.records import (Record, csv_rows, first_unreadable, item_lines,
+                                    jsonl_records, load_json)
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model, score_requests
-from babyllama.textfile import read_text
 
 LETTERS = "ABCDEFGHIJ"  # 2 to 10 options
+# Field / column names, tried in order: the options as a list, and a reading passage.
+OPTION_FIELDS = ("choices", "options", "choice", "candidates")
+PASSAGE_FIELDS = ("passage", "context", "article", "document")
 
 # CMMLU's name_en2zh (haonan-li/CMMLU src/categories.py): the prompt header's subject names.
 CMMLU_SUBJECTS = {
@@ -106,6 +110,7 @@ class Question:
     options: list[str]
     answer: int      # index into options
     where: str       # "file:line" of the record
+    passage: str | None = None  # reading comprehension: the text the question is about
 
 
 @dataclass
@@ -129,8 +134,10 @@ def subject_name(subject: str, ceval: bool = False) -> str:
 # Loading
 
 
-def make_question(at: str, subject: str, question, options: list, answer) -> Question:
-    """Validate one record. `answer`: a letter, or a 0-based index (jsonl)."""
+def make_question(at: str, subject: str, question, options: list, answer,
+                  passage=None) -> Question:
+    """Validate one record. `answer`: a letter, a 0-based index, or the text of an option.
+    `passage`: a string, a list of lines, or None."""
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{at}: the question is empty")
     if not 2 <= len(options) <= len(LETTERS):
@@ -147,14 +154,28 @@ def make_question(at: str, subject: str, question, options: list, answer) -> Que
         index = answer
     elif isinstance(answer, str) and answer.strip():
         letter = answer.strip().upper()
-        if letter not in letters:
+        if letter in letters:
+            index = letters.index(letter)
+        elif answer.strip() in texts:  # the answer written out, as C3 gives it
+            index = texts.index(answer.strip())
+        else:
             raise UserError(f"{at}: answer '{answer.strip()}' is not one of the options "
                             f"{letters[0]}-{letters[-1]}")
-        index = letters.index(letter)
     else:
         raise UserError(f"{at}: no answer (a split without answers, like C-Eval's test, "
                         "cannot be scored)")
-    return Question(subject, question.strip(), texts, index, at)
+    return Question(subject, question.strip(), texts, index, at, passage_text(at, passage))
+
+
+def passage_text(at: str, passage) -> str | None:
+    """A passage as one string: a list of lines (C3's dialogues) joined by newlines."""
+    if isinstance(passage, list) and all(isinstance(p, str) for p in passage):
+        passage = "\n".join(p.strip() for p in passage)
+    if passage is None:
+        return None
+    if isinstance(passage, str):
+        return passage.strip() or None
+    raise UserError(f"{at}: the passage is not text")
 
 
 def csv_columns(path: Path, header: list[str]) -> tuple[int, int, list[int]]:
@@ -172,68 +193,81 @@ def csv_columns(path: Path, header: list[str]) -> tuple[int, int, list[int]]:
     return names.index("question"), names.index("answer"), [names.index(n) for n in letters]
 
 
-def read_csv(path: Path, subject: str) -> list[Question]:
-    rows = csv.reader(io.StringIO(read_text(path), newline=""))
-    try:
-        header = next(rows, None)
-        if header is None:
-            raise UserError(f"{path}: empty file")
-        q_col, a_col, o_cols = csv_columns(path, header)
-        width = max(q_col, a_col, *o_cols) + 1
-        questions = []
-        while True:
-            line = rows.line_num + 1  # a quoted field may span lines: report where it starts
-            row = next(rows, None)
-            if row is None:
-                break
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < width:
-                raise UserError(f"{where(path, line)}: {len(row)} fields, the header has {len(header)}")
-            questions.append(make_question(where(path, line), subject, row[q_col],
-                                           [row[i] for i in o_cols], row[a_col]))
-    except csv.Error as e:
-        raise UserError(f"{where(path, rows.line_num)}: bad CSV ({e})") from None
+def bad_csv(record: Record) -> str:
+    return f"bad CSV ({record.value.problem.removeprefix('malformed CSV: ')})"
+
+
+def csv_questions(path: Path, subject: str) -> list[Question]:
+    """The questions of a CMMLU / C-Eval style CSV (a header with Question, A, B, ..., Answer
+    and optionally a passage column); a row is named by the line it starts on."""
+    rows = first_unreadable(csv_rows(path, whole=True), bad_csv)
+    header = next(rows, None)
+    if header is None:
+        raise UserError(f"{path}: empty file")
+    q_col, a_col, o_cols = csv_columns(path, header.value)
+    names = [h.strip().lower() for h in header.value]
+    p_col = next((names.index(n) for n in PASSAGE_FIELDS if n in names), None)
+    width = max(q_col, a_col, *o_cols) + 1
+    questions = []
+    for row in rows:
+        cells = row.value
+        if len(cells) < width:
+            raise UserError(f"{row.where}: {len(cells)} fields, the header has {len(header.value)}")
+        passage = cells[p_col] if p_col is not None and p_col < len(cells) else None
+        questions.append(make_question(row.where, subject, cells[q_col],
+                                       [cells[i] for i in o_cols], cells[a_col], passage))
     if not questions:
         raise UserError(f"{path}: no questions (only a header)")
     return questions
 
 
-def read_jsonl(path: Path, subject: str) -> list[Question]:
+def json_question_records(path: Path) -> list[Record]:
+    """The records of a .jsonl, or of a .json list located by their lines."""
+    if path.suffix.lower() == ".jsonl":
+        # Choice has always called a bad line "not valid JSON".
+        return list(first_unreadable(jsonl_records(path, whole=True), lambda r: "not valid JSON "
+                                     f"({r.value.problem.removeprefix('invalid JSON: ')})"))
+    items = load_json(path)
+    if not isinstance(items, list):
+        raise UserError(f"{where(path, 1)}: expected a JSON list of question objects, found "
+                        f"{type(items).__name__}")
+    return [Record(where(path, line), item, line)
+            for line, item in zip(item_lines(path, items), items)]
+
+
+def object_questions(path: Path, subject: str) -> list[Question]:
+    """The questions of a .jsonl / .json file (see the module docstring for the fields)."""
     questions = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        at = where(path, n)
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{at}: not valid JSON ({e.msg})") from None
+    for record in json_question_records(path):
+        rec, at = record.value, record.where
         if not isinstance(rec, dict):
             raise UserError(f"{at}: expected a JSON object")
-        if "choices" in rec:
-            options = rec["choices"]
+        listed = next((k for k in OPTION_FIELDS if k in rec), None)
+        if listed is not None:
+            options = rec[listed]
             if not isinstance(options, list):
-                raise UserError(f"{at}: 'choices' must be a list of option texts")
+                raise UserError(f"{at}: '{listed}' must be a list of option texts")
         else:
             keys = {k.upper(): k for k in rec if len(k) == 1 and k.isalpha()}
             if not keys or sorted(keys) != list(LETTERS[:len(keys)]):
                 raise UserError(f"{at}: give the options as 'choices': [...] or keys A, B, ... "
                                 "consecutive from A")
             options = [rec[keys[c]] for c in sorted(keys)]
+        passage = next((rec[k] for k in PASSAGE_FIELDS if k in rec), None)
         questions.append(make_question(at, str(rec.get("subject") or subject), rec.get("question"),
-                                       options, rec.get("answer")))
+                                       options, rec.get("answer"), passage))
     if not questions:
         raise UserError(f"{path}: empty file")
     return questions
 
 
 def read_file(path: Path, subject: str) -> list[Question]:
-    if path.suffix == ".jsonl":
-        return read_jsonl(path, subject)
+    """The questions of one .csv, .jsonl or .json file."""
+    if path.suffix in (".jsonl", ".json"):
+        return object_questions(path, subject)
     if path.suffix == ".csv":
-        return read_csv(path, subject)
-    raise UserError(f"{path}: expected a .csv or .jsonl file")
+        return csv_questions(path, subject)
+    raise UserError(f"{path}: expected a .csv or .jsonl file (or a .json list)")
 
 
 def by_subject(questions: list[Question]) -> dict[str, list[Question]]:
@@ -246,7 +280,8 @@ def by_subject(questions: list[Question]) -> dict[str, list[Question]]:
 def has_answers(folder: Path) -> bool:
     """Whether a split's first CSV gives an answer for its first question (C-Eval's test split
     has an empty or no answer column)."""
-    rows = csv.reader(io.StringIO(read_text(min(folder.glob("*.csv"))), newline=""))
+    rows = (r.value for r in csv_rows(min(folder.glob("*.csv")), whole=True)
+            if isinstance(r.value, list))
     names = [h.strip().lower() for h in next(rows, [])]
     row = next(rows, [])
     col = names.index("answer") if "answer" in names else len(row)
@@ -259,7 +294,7 @@ def read_split(folder: Path, split: str) -> tuple[list[Question], bool]:
     for f in sorted(folder.glob("*.csv")):
         subject = f.stem.removesuffix(f"_{split}")
         ceval |= subject != f.stem
-        questions += read_csv(f, subject)
+        questions += csv_questions(f, subject)
     return questions, ceval
 
 
@@ -318,8 +353,10 @@ def header(name: str, cloze: bool) -> str:
 
 
 def block(q: Question, cloze: bool) -> str:
-    """`题目：...\\nA. ...\\nB. ...\\n答案是：` (cloze: without the lettered options)."""
-    lines = [f"题目：{q.question}"]
+    """`题目：...\\nA. ...\\nB. ...\\n答案是：` (cloze: without the lettered options), after
+    `文章：...` for a reading-comprehension question."""
+    lines = [f"文章：{q.passage}"] if q.passage else []
+    lines.append(f"题目：{q.question}")
     if not cloze:
         lines += [f"{letter}. {o}" for letter, o in zip(LETTERS, q.options)]
     return "\n".join(lines) + "\n答案是："

@@ -1,7 +1,7 @@
 """The `generation` task: how varied and how loopy a model's answers are, on a prompt set.
 
-Small models' most common failure is the loop (seed 0's "repeated phrases", seed 3's looping
-greedy text): the answer falls into one phrase repeated until the token budget ends. Metrics,
+Small models' most common failure is the loop (the "repeated phrases" and looping greedy text
+that small-model write-ups complain of): the answer falls into one phrase repeated until the token budget ends. Metrics,
 all on characters (whitespace ignored), so they mean the same for every tokenizer:
 
     distinct-n   distinct n-grams / all n-grams over all answers together (Li et al. 2016,
@@ -24,14 +24,9 @@ from babyllama.data.readers import iter_documents, require_documents
 from babyllama.errors import UserError
 from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
-from babyllama.infer.config import GenerationConfig, changed_settings
+from babyllama.infer.config import GenerationConfig, changed_settings, decoding_defaults
 
 MAX_LOOP_UNIT = 50
-
-
-def default_generation() -> GenerationConfig:
-    # Greedy: it is how loops show up, and it makes the numbers reproducible.
-    return GenerationConfig(max_new_tokens=128, temperature=0.0)
 
 
 @dataclass
@@ -39,7 +34,7 @@ class GenerationOptions:
     data: str                          # prompts: .txt (one per line), .jsonl/.json, .csv ...
     prompt_field: str = "prompt"       # the field holding the prompt in jsonl/json/csv
     chat: bool = False                 # prompts are user messages rendered by the chat template
-    generation: GenerationConfig = field(default_factory=default_generation)
+    generation: GenerationConfig = field(default_factory=lambda: decoding_defaults("eval-generation"))
     loop_repeats: int = 3
     loop_min_chars: int = 12
     limit: int | None = None
@@ -120,5 +115,5 @@ def run_generation(model, tokenizer, opts: GenerationOptions) -> EvalResult:
                 for p, t, u, a in zip(prompts, texts, loops, answers)]
     settings = {"chat": opts.chat, "loop_repeats": opts.loop_repeats,
                 "loop_min_chars": opts.loop_min_chars, "max_new_tokens": opts.generation.max_new_tokens,
-                **changed_settings(opts.generation, default_generation())}
+                **changed_settings(opts.generation, decoding_defaults("eval-generation"))}
     return EvalResult("generation", opts.data, metrics, columns, [row], settings, examples)

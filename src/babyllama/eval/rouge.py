@@ -12,28 +12,26 @@ Chinese is scored at character level by default: rouge-score's own tokenizer kee
 makes the score depend on the segmenter's dictionary. Characters are what CSL's and LCSTS's
 baselines report. The headline numbers are the mean over examples of each example's
 precision, recall and F (how rouge-score users report "ROUGE-1 F"; it is not F of the mean
-precision and recall): seed 0 reports ROUGE-1 F 0.567 on CSL with this definition.
+precision and recall); the babyllama write-up's ROUGE-1 F 0.567 on CSL uses this definition.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from babyllama.data.records import (Record, csv_rows, first_unreadable, is_lcsts_text, item_lines,
+                                    jsonl_records, lcsts_records, load_json, tsv_rows)
 from babyllama.errors import UserError, where
 from babyllama.eval.prompting import generate_answers, prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model
-from babyllama.infer.config import GenerationConfig, changed_settings
-from babyllama.textfile import read_text
+from babyllama.infer.config import GenerationConfig, changed_settings, decoding_defaults
 
 LEVELS = ("char", "word")
 DEFAULT_TEMPLATE = "{text}\n摘要："
@@ -172,13 +170,15 @@ def is_header(row: list[str], source_field: str | None, target_field: str | None
     return bool(lower & set(SOURCE_NAMES)) and bool(lower & set(REFERENCE_NAMES))
 
 
-def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
-    rows = [(i, line.rstrip("\r").split("\t"))
-            for i, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
+def tsv_examples(path: Path, source_field: str | None,
+                 target_field: str | None) -> list[Example]:
+    """Examples of a .tsv: with a header row (see `is_header`), or without one CSL's
+    `prompt \t abstract \t title` or `text \t summary`; columns by name or 0-based number."""
+    rows = [r for r in first_unreadable(tsv_rows(path, whole=True))]
     if not rows:
         return []
-    line, first = rows[0]
-    at = where(path, line)
+    first = rows[0].value
+    at = rows[0].where
     if is_header(first, source_field, target_field):
         si, ti = pick_columns(first, source_field, target_field, at)
         rows = rows[1:]
@@ -187,7 +187,6 @@ def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> 
             if name is not None and not name.isdigit():
                 raise UserError(f"{at}: no column {name!r} in the first row (a header needs "
                                 f"it; else give 0-based column numbers); fields: {shown(first)}")
-        # Without a header: CSL's `prompt \t abstract \t title`, or `text \t summary`.
         layout = {2: (0, 1), 3: (1, 2)}.get(len(first))
         if layout is None and (source_field is None or target_field is None):
             raise UserError(f"{at}: expected 2 (text, summary) or 3 (prompt, text, summary) "
@@ -200,77 +199,55 @@ def read_tsv(path: Path, source_field: str | None, target_field: str | None) -> 
         if si == ti:
             raise UserError(f"{at}: the source and the reference are the same column {si}")
     out = []
-    for line, row in rows:
-        if len(row) != len(first):
-            raise UserError(f"{where(path, line)}: expected {len(first)} tab-separated fields, "
-                            f"found {len(row)}")
-        out.append(example(row[si], row[ti], where(path, line)))
+    for row in rows:
+        if len(row.value) != len(first):
+            raise UserError(f"{row.where}: expected {len(first)} tab-separated fields, "
+                            f"found {len(row.value)}")
+        out.append(example(row.value[si], row.value[ti], row.where))
     return out
 
 
-def read_csv(path: Path, source_field: str | None, target_field: str | None) -> list[Example]:
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+def csv_examples(path: Path, source_field: str | None,
+                 target_field: str | None) -> list[Example]:
+    """Examples of a .csv with a header; a row is named by the line it ends on."""
+    def malformed(record) -> str:
+        return f"malformed CSV ({record.value.problem.removeprefix('malformed CSV: ')})"
+
     out, header, si, ti = [], None, 0, 0
-    try:
-        for row in reader:
-            at = where(path, reader.line_num)
-            if not any(f.strip() for f in row):
-                continue
-            if header is None:
-                header = row
-                si, ti = pick_columns(header, source_field, target_field, at)
-            elif len(row) != len(header):
-                raise UserError(f"{at}: expected {len(header)} comma-separated fields, "
-                                f"found {len(row)}")
-            else:
-                out.append(example(row[si], row[ti], at))
-    except csv.Error as e:
-        raise UserError(f"{where(path, reader.line_num)}: malformed CSV ({e})") from None
+    for row in first_unreadable(csv_rows(path, whole=True), malformed):
+        at = where(path, row.end)
+        if header is None:
+            header = row.value
+            si, ti = pick_columns(header, source_field, target_field, at)
+        elif len(row.value) != len(header):
+            raise UserError(f"{at}: expected {len(header)} comma-separated fields, "
+                            f"found {len(row.value)}")
+        else:
+            out.append(example(row.value[si], row.value[ti], at))
     return out
 
 
-def jsonl_records(path: Path) -> list[tuple[int, object]]:
-    out = []
-    for i, line in enumerate(read_text(path).split("\n"), 1):
-        if line.strip():
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, i)}: invalid JSON ({e.msg})") from None
-    return out
-
-
-def json_records(path: Path) -> list[tuple[int, object]]:
-    text = read_text(path)
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where(path, e.lineno)}: invalid JSON ({e.msg})") from None
+def json_lines_of(path: Path) -> list[Record]:
+    """The records of a .jsonl, or of a .json list located by their lines."""
+    if path.suffix.lower() == ".jsonl":
+        return list(first_unreadable(jsonl_records(path, whole=True)))
+    items = load_json(path)
     if not isinstance(items, list):
         raise UserError(f"{where(path, 1)}: expected a JSON list of objects, "
                         f"found {type(items).__name__}")
-    # json.loads keeps no positions: walk the (valid) list again to give each item its line.
-    decoder, pos, line, out = json.JSONDecoder(), text.index("[") + 1, 1, []
-    for item in items:
-        start = pos
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        line += text.count("\n", start, pos)
-        out.append((line, item))
-        start = pos
-        _, pos = decoder.raw_decode(text, pos)
-        line += text.count("\n", start, pos)
-    return out
+    return [Record(where(path, line), item, line)
+            for line, item in zip(item_lines(path, items), items)]
 
 
-def read_records(path: Path, records: list[tuple[int, object]], source_field: str | None,
-                 target_field: str | None) -> list[Example]:
+def object_examples(records: list[Record], source_field: str | None,
+                    target_field: str | None) -> list[Example]:
+    """Examples of JSON objects; the first object's keys name the fields of all."""
     out, keys = [], None
-    for line, obj in records:
-        at = where(path, line)
+    for record in records:
+        obj, at = record.value, record.where
         if not isinstance(obj, dict):
             raise UserError(f"{at}: expected a JSON object, found {type(obj).__name__}")
-        if keys is None:  # the first object's keys name the fields of all
+        if keys is None:
             names = list(obj)
             si, ti = pick_columns(names, source_field, target_field, at)
             keys = names[si], names[ti]
@@ -281,46 +258,28 @@ def read_records(path: Path, records: list[tuple[int, object]], source_field: st
     return out
 
 
-def read_lcsts(path: Path, text: str) -> list[Example]:
-    """LCSTS's PART_*.txt: <doc> blocks, each a <summary> then a <short_text>, every tag and
-    text on a line of its own."""
-    starts = [m.start() for m in re.finditer(r"<summary>", text)]
-    out, line, last = [], 1, 0
-    for k, start in enumerate(starts):
-        line += text.count("\n", last, start)
-        last = start
-        block = text[start:starts[k + 1] if k + 1 < len(starts) else len(text)]
-        summary = re.match(r"<summary>(.*?)</summary>", block, re.S)
-        short = re.search(r"<short_text>(.*?)</short_text>", block, re.S)
-        if not summary or not short:
-            raise UserError(f"{where(path, line)}: expected <summary> ... </summary> followed "
-                            "by <short_text> ... </short_text>")
-        out.append(example(short.group(1), summary.group(1), where(path, line)))
-    return out
-
-
 def read_summaries(path: str | Path, source_field: str | None = None,
                    target_field: str | None = None) -> list[Example]:
     """Every (source, reference) example of a summarization file; see the module docstring
     for the formats. `source_field` / `target_field`: column or key names, or 0-based column
-    numbers as strings ("1")."""
+    numbers as strings ("1"). The files are read by `babyllama.data.records`; every problem
+    raises UserError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        out = read_tsv(path, source_field, target_field)
+        out = tsv_examples(path, source_field, target_field)
     elif suffix == ".csv":
-        out = read_csv(path, source_field, target_field)
+        out = csv_examples(path, source_field, target_field)
     elif suffix in (".jsonl", ".json"):
-        records = jsonl_records(path) if suffix == ".jsonl" else json_records(path)
-        out = read_records(path, records, source_field, target_field)
+        out = object_examples(json_lines_of(path), source_field, target_field)
     elif suffix == ".txt":
-        text = read_text(path)
-        if "<summary>" not in text:
+        if not is_lcsts_text(path):
             raise UserError(f"{path}: no <summary> tag: a .txt file is read as LCSTS "
                             "(<summary> / <short_text> blocks)")
-        out = read_lcsts(path, text)
+        out = [example(r.value["text"], r.value["summary"], r.where)
+               for r in first_unreadable(lcsts_records(path))]
     else:
         raise UserError(f"{path}: unknown summarization format: give .tsv, .csv, .jsonl, .json "
                         "or LCSTS's .txt (<summary> / <short_text> blocks)")
@@ -330,11 +289,6 @@ def read_summaries(path: str | Path, source_field: str | None = None,
 
 
 # ----------------------------------------------------------------------------- the task
-
-def default_generation() -> GenerationConfig:
-    # Greedy: the score of a run, not of a sample; 64 tokens hold any CSL / LCSTS summary.
-    return GenerationConfig(temperature=0.0, max_new_tokens=64)
-
 
 @dataclass
 class RougeOptions:
@@ -346,7 +300,7 @@ class RougeOptions:
     target_field: str | None = None
     limit: int | None = None           # the first N examples only
     batch_size: int = 16
-    generation: GenerationConfig = field(default_factory=default_generation)
+    generation: GenerationConfig = field(default_factory=lambda: decoding_defaults("eval-rouge"))
     progress: bool = True
 
     def check(self) -> None:
@@ -443,6 +397,6 @@ def settings(opts: RougeOptions, shortened: int) -> dict:
                                   ("target_field", opts.target_field)) if v is not None})
     # Decoding: max_new_tokens always (it bounds the summaries), the rest when not the default.
     out["max_new_tokens"] = opts.generation.max_new_tokens
-    out.update(changed_settings(opts.generation, default_generation()))
+    out.update(changed_settings(opts.generation, decoding_defaults("eval-rouge")))
     out.update(limit=opts.limit, shortened=shortened)
     return out

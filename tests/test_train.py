@@ -71,7 +71,7 @@ def test_evaluation_accumulates_in_a_dtype_every_device_has(tiny_data, tiny_toke
 
 def test_a_device_that_is_not_there_is_a_user_error():
     from babyllama.errors import UserError
-    from babyllama.train.distributed import pick_device
+    from babyllama.device import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="'tpu' is not a device name"):
@@ -251,7 +251,8 @@ CHATGLM2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers
 
 @pytest.mark.skipif(not CHATGLM2.exists(), reason="../shared/data is absent")
 def test_pretrain_with_a_reused_sentencepiece_tokenizer(corpus_file, tmp_path):
-    """Seeds 2 and 3 reuse ChatGLM's tokenizer: prepare + pretrain + generate with it."""
+    """A SentencePiece tokenizer reused from another model (ChatGLM2's, which has no pad
+    piece): prepare + pretrain + generate with it."""
     from babyllama.data.shards import TokenShards, prepare
     from babyllama.llm import load
     from babyllama.tokenizer import Tokenizer

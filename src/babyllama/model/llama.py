@@ -170,7 +170,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # The fused SDPA kernels (flash, memory-efficient, CPU flash) accumulate the softmax in
-        # fp32 whatever the input dtype, which is the "fp32 softmax" seed 3 needed for bf16.
+        # fp32 whatever the input dtype, so bf16 attention needs no upcast of its own here.
         # A query block that starts at position 0 is plain causal; anything else (decoding
         # after a prefix, padded batches) passes an explicit mask.
         # Grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads;
@@ -220,6 +220,14 @@ class LlamaBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def causal_mask_after(start: int, T: int, device: torch.device | str) -> torch.Tensor:
+    """(T, start + T) booleans, True where attention is allowed: a block of T new queries after
+    `start` cached positions sees the whole prefix and itself causally (query i sees keys up
+    to start + i). SDPA's `is_causal` would align the block with key 0 instead, which is only
+    right when nothing is cached."""
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
 
 
 class Llama(nn.Module):
@@ -283,38 +291,60 @@ class Llama(nn.Module):
         `position_ids`: (B, T) rotary positions per token, for packed rows where each
         conversation restarts at 0 (with a block-diagonal `attn_mask`); None means
         start, start+1, ... for every row.
+        Raises ValueError when, without `position_ids`, the positions run past the context.
         """
-        B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
-        # With explicit positions (left-padded generation) the cache may hold pad slots beyond
-        # the context; the positions themselves stay inside it.
-        if position_ids is None and start + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
-                             f"({self.config.max_position_embeddings})")
-        if position_ids is None:
-            # (T, head_dim): broadcasts over batch and heads.
-            cos = self.rope_cos[start:start + T]
-            sin = self.rope_sin[start:start + T]
-        else:
-            # (B, 1, T, head_dim): one row of the table per token, broadcast over heads. Values
-            # are not range-checked here (that would sync with the GPU every step): packing and
-            # the generation engine keep them below the context.
-            cos = self.rope_cos[position_ids].unsqueeze(1)
-            sin = self.rope_sin[position_ids].unsqueeze(1)
-        if attn_mask is None and start > 0 and T > 1:
-            # A block of new tokens after a cached prefix: causal, shifted by `start`.
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        T = input_ids.size(1)
+        cos, sin, attn_mask = self.attention_inputs(input_ids, cache, attn_mask, position_ids)
         x = F.dropout(self.model.embed_tokens(input_ids), self.config.dropout, self.training)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                # Recompute each layer's activations in the backward pass (seed 2 fit a 92M
-                # model on 6 GB this way): memory per layer drops to its input only.
+                # Recompute each layer's activations in the backward pass (Chen et al. 2016,
+                # "Training Deep Nets with Sublinear Memory Cost"): memory per layer drops to
+                # its input only, for about one more forward pass of compute.
                 x = checkpoint(layer, x, cos, sin, None, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)
+
+    def attention_inputs(self, input_ids: torch.Tensor, cache: KVCache | None,
+                         attn_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rotary tables and attention mask every layer of `hidden_states` uses for the
+        block `input_ids` (B, T) that follows the `cache.pos` positions already cached.
+
+        Returns (cos, signed_sin, mask): the tables are (T, head_dim) for positions start,
+        start+1, ... or (B, 1, T, head_dim) for explicit `position_ids`; the mask is
+        `attn_mask` as given, or, when None, a shifted causal one for a block of several
+        tokens after a cached prefix (`causal_mask_after`), or None for plain causal attention
+        (SDPA's `is_causal`). Raises ValueError when, without `position_ids`, the block ends
+        past `max_position_embeddings`.
+        """
+        _, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        # With explicit positions (left-padded generation) the cache may hold pad slots beyond
+        # the context; the positions themselves stay inside it.
+        if position_ids is None and start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+                             f"({self.config.max_position_embeddings})")
+        cos, sin = self.rope_at(start, T, position_ids)
+        if attn_mask is None and start > 0 and T > 1:
+            attn_mask = causal_mask_after(start, T, input_ids.device)
+        return cos, sin, attn_mask
+
+    def rope_at(self, start: int, T: int,
+                position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the cos and signed-sin tables (see `rope_tables`) for T tokens: positions
+        start, ..., start + T - 1 as (T, head_dim), or `position_ids` (B, T) as
+        (B, 1, T, head_dim)."""
+        if position_ids is None:
+            # (T, head_dim): broadcasts over batch and heads.
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        # (B, 1, T, head_dim): one row of the table per token, broadcast over heads. Values are
+        # not range-checked here (that would sync with the GPU every step): packing and the
+        # generation engine keep them below the context.
+        return self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -36,7 +36,7 @@ from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS
 # - a leading {"role": "system"} message is the system prompt; a system message anywhere else,
 #   or any role other than system/user/assistant, is an error (raise_exception);
 # - documents come the transformers way, `documents=[{"title": ..., "text": ...}]`, after the
-#   system prompt and before the first turn (seed 0 put its 资料 first, too);
+#   system prompt and before the first turn (grounded-dialogue data puts its 资料 passage first, too);
 # - every block ends with its own separator, so the text of a conversation cut after a user
 #   turn plus the generation prompt is a prefix of the whole conversation's text;
 # - `{% generation %}` covers the answer and the token that ends the turn, never the header.

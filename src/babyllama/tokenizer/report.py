@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from babyllama.batching import batched
 from babyllama.errors import UserError
 from babyllama.tokenizer.tokenizer import Tokenizer
 from babyllama.tokenizer.train import DEFAULT_PRETOKENIZER, train_tokenizer
@@ -166,7 +167,7 @@ def tokenizer_report(tokenizer: Tokenizer | str, texts: Iterable[str], preset=No
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     documents = characters = utf8_bytes = 0
     with tqdm(desc="encoding", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in _batches(t for t in texts if t):
+        for batch in batched((t for t in texts if t), _BATCH):
             ids = np.fromiter((i for row in tok.encode_batch(batch) for i in row), dtype=np.int64)
             counts += np.bincount(ids, minlength=len(counts))
             documents += len(batch)
@@ -185,12 +186,6 @@ def tokenizer_report(tokenizer: Tokenizer | str, texts: Iterable[str], preset=No
         distinct_tokens=int((counts > 0).sum()), top_tokens=_top_tokens(tok, counts, top_k),
         preset=label,
         parameters=None if config is None else parameter_counts(config, tok.vocab_size))
-
-
-def _batches(texts: Iterable[str]):
-    it = iter(texts)
-    while batch := list(islice(it, _BATCH)):
-        yield batch
 
 
 def _default_name(tokenizer) -> str:

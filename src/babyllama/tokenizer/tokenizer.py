@@ -4,7 +4,7 @@ seeds reuse).
 
 The rest of the package sees only this class, so it never needs to know which backend is in
 use. Special tokens are looked up by role (`bos`, `eos`, `pad`, ...) and their ids are always
-read from the tokenizer: seed 3 lost time to a tokenizer whose pad was not where it assumed.
+read from the tokenizer: ChatGLM3's tokenizer, for one, has no pad at id 0, and code that assumes one trains on garbage.
 
 Rule for loaded tokenizers: their own ids are kept; any of our special tokens they lack is
 appended after their last id (the unk role is the exception: a byte-level tokenizer has no
@@ -62,7 +62,7 @@ _HF_NAMED_ROLES = ("bos", "eos", "pad", "unk")
 # Backends: the minimal surface `Tokenizer` needs from each library.
 
 
-class _HFBackend:
+class HFBackend:
     """HF `tokenizers.Tokenizer`. Special tokens are registered as *special added tokens*, so
     `decode(skip_special_tokens=True)` drops them; `encode_special_tokens` makes the encoder
     treat their text as ordinary text (it is a runtime flag: tokenizer.json does not store it)."""
@@ -116,7 +116,7 @@ class _HFBackend:
         atomic_write_bytes(path, self.tk.to_str(pretty=True).encode("utf-8"))
 
 
-class _SentencePieceBackend:
+class SentencePieceBackend:
     """A SentencePiece model plus special tokens appended after its last piece.
 
     SentencePiece cannot learn new pieces after training, so the appended specials live here,
@@ -399,21 +399,21 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _open_hf(file: Path) -> _HFBackend:
+def _open_hf(file: Path) -> HFBackend:
     from tokenizers import Tokenizer as HFTokenizer
 
     text = read_text(file)  # from_file would refuse a BOM
     try:
-        return _HFBackend(HFTokenizer.from_str(text))
+        return HFBackend(HFTokenizer.from_str(text))
     except Exception as e:  # tokenizers raises plain Exception with a serde message
         raise UserError(f"{file}: not a tokenizers tokenizer.json ({_first_line(e)})") from None
 
 
-def _open_sentencepiece(file: Path) -> _SentencePieceBackend:
+def _open_sentencepiece(file: Path) -> SentencePieceBackend:
     import sentencepiece as spm
 
     try:
-        return _SentencePieceBackend(spm.SentencePieceProcessor(model_file=str(file)))
+        return SentencePieceBackend(spm.SentencePieceProcessor(model_file=str(file)))
     except Exception as e:
         raise UserError(f"{file}: not a SentencePiece model ({_first_line(e)})") from None
 
@@ -465,7 +465,7 @@ def _resolve_special_tokens(backend, cfg: dict) -> dict[str, str]:
     return tokens
 
 
-def _restore_appended(backend: _SentencePieceBackend, cfg: dict, directory: Path | None) -> None:
+def _restore_appended(backend: SentencePieceBackend, cfg: dict, directory: Path | None) -> None:
     """Re-append a saved SentencePiece tokenizer's extra tokens in their saved id order, so
     ids survive save/load even if SPECIAL_TOKENS grows in a later version."""
     added = sorted((a for a in cfg.get("added_tokens") or [] if isinstance(a, dict)),

@@ -11,11 +11,16 @@ English text; see docs/tokenizer_pretokenization.md and benchmarks/tokenizer_pre
 
 from __future__ import annotations
 
-from itertools import islice
-from typing import Iterable, Iterator
+from typing import Iterable
 
+from tokenizers import Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, trainers
+from tokenizers import pre_tokenizers as pt
+
+from babyllama.batching import batched
 from babyllama.errors import UserError
-from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, _HFBackend
+from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, HFBackend
 
 # Han characters in any CJK block (Oniguruma script property, as used by HF `tokenizers`).
 _HAN = r"\p{Han}"
@@ -36,10 +41,8 @@ _MIN_VOCAB = len(SPECIAL_TOKENS) + 256
 
 
 def build_pretokenizer(name: str):
-    """The `tokenizers` pre-tokenizer for one of the names in PRETOKENIZERS."""
-    from tokenizers import Regex
-    from tokenizers import pre_tokenizers as pt
-
+    """The `tokenizers` pre-tokenizer for one of the names in PRETOKENIZERS. Raises UserError
+    for another name."""
     if name not in PRETOKENIZERS:
         raise UserError(f"pretokenizer {name!r}: unknown, choose one of {', '.join(PRETOKENIZERS)}")
     steps = []
@@ -52,12 +55,6 @@ def build_pretokenizer(name: str):
     return steps[0] if len(steps) == 1 else pt.Sequence(steps)
 
 
-def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
-    it = iter(texts)
-    while batch := list(islice(it, size)):
-        yield batch
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
                     show_progress: bool = True,
                     pretokenizer: str = DEFAULT_PRETOKENIZER) -> Tokenizer:
@@ -67,10 +64,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     then the merges up to `vocab_size` (fewer if the corpus runs out of pairs that occur
     `min_frequency` times).
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
-
     if vocab_size < _MIN_VOCAB:
         raise UserError(f"vocab_size {vocab_size}: too small, a byte-level tokenizer needs at "
                         f"least {_MIN_VOCAB} ({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
@@ -82,8 +75,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=ByteLevel.alphabet(),
+        initial_alphabet=pt.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tk.train_from_iterator(_batches(texts), trainer=trainer)
-    return Tokenizer(_HFBackend(tk), dict(SPECIAL_TOKENS), pretokenizer=pretokenizer)
+    # Batches rather than single strings: far fewer Python -> Rust calls (the `tokenizers`
+    # docs' advice for train_from_iterator).
+    tk.train_from_iterator(batched(texts, 1000), trainer=trainer)
+    return Tokenizer(HFBackend(tk), dict(SPECIAL_TOKENS), pretokenizer=pretokenizer)

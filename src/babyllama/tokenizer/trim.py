@@ -56,16 +56,18 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
+import sentencepiece as spm
+from tqdm.auto import tqdm
 
 from babyllama.atomic import atomic_write_bytes
+from babyllama.batching import batched
 from babyllama.errors import UserError
 from babyllama.textfile import read_json, read_text
-from babyllama.tokenizer.tokenizer import Tokenizer, _SentencePieceBackend, sentencepiece_proto
+from babyllama.tokenizer.tokenizer import Tokenizer, SentencePieceBackend, sentencepiece_proto
 
 ID_MAP_FILE = "id_map.json"
 
@@ -217,7 +219,7 @@ def remap_embeddings(weight, result: TrimResult):
                         f"trimming had {result.original_vocab_size} tokens")
     index = result.new_to_old
     if not isinstance(weight, np.ndarray):  # torch: index with a tensor on the same device
-        import torch
+        import torch  # only for a tensor argument: trimming itself never needs torch (~1 s to import)
 
         index = torch.as_tensor(index, device=weight.device)
     return weight[index]
@@ -263,26 +265,18 @@ def _as_sentencepiece(tokenizer_or_path) -> Tokenizer:
     return tok
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    it = iter(texts)
-    while batch := list(islice(it, size)):
-        yield batch
-
-
 def _corpus_usage(tok: Tokenizer, texts: Iterable[str], progress: bool) -> tuple[np.ndarray, int, int]:
     """Which pieces the corpus uses (bool per piece), with document and token counts.
 
     Encoded with the tokenizer's own `encode_batch`, as training data is: our special-token
     strings in the text become their appended ids (dropped here) and the text between them is
     encoded by SentencePiece, a whole batch per call."""
-    from tqdm.auto import tqdm
-
     base = tok._backend.base_size
     used = np.zeros(base, dtype=bool)
     documents = tokens = 0
     has_text = False  # whitespace-only texts are encoded (they have pieces) but make no corpus
     with tqdm(desc="encoding corpus", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in _batches((t for t in texts if t), _BATCH):
+        for batch in batched((t for t in texts if t), _BATCH):
             ids = np.fromiter((i for row in tok.encode_batch(batch) for i in row), dtype=np.int64)
             used[ids[ids < base]] = True
             documents += len(batch)
@@ -384,9 +378,7 @@ def _trimmed_proto(proto, keep: np.ndarray) -> bytes:
 def _rebuild(tok: Tokenizer, model_bytes: bytes) -> Tokenizer:
     """A Tokenizer on the trimmed model with the original's special tokens: the same roles,
     and the appended ones in the same order, now after the new last piece."""
-    import sentencepiece as spm
-
-    backend = _SentencePieceBackend(spm.SentencePieceProcessor(model_proto=model_bytes))
+    backend = SentencePieceBackend(spm.SentencePieceProcessor(model_proto=model_bytes))
     backend.appended = list(tok._backend.appended)
     return Tokenizer(backend, dict(tok.special_tokens), chat_template=tok.chat_template)
 

@@ -14,6 +14,9 @@ from babyllama.data.shards import TokenShards
 
 
 class PretrainBatches:
+    """Random windows of `seq_len + 1` tokens from `shards`: `grad_accum` micro-batches of
+    `batch_size` rows per process and optimizer step (the trainer's `TrainData`)."""
+
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, grad_accum: int,
                  seed: int, rank: int = 0, world_size: int = 1):
         self.shards = shards
@@ -26,6 +29,10 @@ class PretrainBatches:
         self._step_starts: tuple[int, np.ndarray] | None = None
 
     def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Inputs and targets (batch_size, seq_len), int64 on `device`, for this rank's share
+        of micro-batch `micro` of step `step`; no extra model arguments."""
+        # One draw per step for all its micro-batches and ranks, kept for the step's other
+        # calls: each takes its slice, so W ranks see the global batch one process would.
         if self._step_starts is None or self._step_starts[0] != step:
             rng = np.random.default_rng([self.seed, step])
             n = self.grad_accum * self.world_size * self.batch_size
@@ -37,6 +44,9 @@ class PretrainBatches:
 
 
 def windows_to_batch(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows (N, T + 1) -> inputs (N, T) and next-token targets (N, T), int64 on
+    `device`."""
+    # Pinned host memory lets the copy to a GPU run asynchronously (non_blocking).
     w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     if device is not None and torch.device(device).type == "cuda":
         w = w.pin_memory().to(device, non_blocking=True)
@@ -46,7 +56,8 @@ def windows_to_batch(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.T
 
 
 def validation_windows(shards: TokenShards, seq_len: int, n: int) -> np.ndarray:
-    """A fixed set of validation windows: evenly spaced, so every eval scores the same text."""
+    """A fixed set of at most `n` validation windows (n, seq_len + 1): evenly spaced, so
+    every eval scores the same text (fewer when the split is too short for `n` distinct ones)."""
     if n <= 0:
         return np.zeros((0, seq_len + 1), dtype=np.int64)
     last = shards.n_tokens - (seq_len + 1)

@@ -10,6 +10,10 @@ from babyllama.textfile import read_text
 
 
 class MetricsLog:
+    """The training log at `path`: one JSON object per line (a step's loss, an evaluation, a
+    skipped step). A new run starts it empty; a resumed one (`resume_step`) keeps what was
+    logged up to that step."""
+
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is None:
@@ -21,10 +25,12 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
+        """Append one record (appended and closed at once, so a kill loses at most that line)."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def read(self) -> list[dict]:
+        """Every record, in order; [] when the file does not exist."""
         if not self.path.exists():
             return []
         out = []
@@ -37,7 +43,10 @@ class MetricsLog:
 
 
 def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
-    """Training loss (raw and smoothed) and validation loss against tokens seen."""
+    """Draw training loss (raw and smoothed) and validation loss (nats/token) against tokens
+    seen, from `MetricsLog.read()` records, into the PNG `path` (replaced atomically)."""
+    # Imported here: matplotlib takes ~0.3 s to load and only this function draws, and the
+    # Agg backend (no display needed) must be chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

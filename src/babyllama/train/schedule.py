@@ -1,5 +1,6 @@
-"""Learning-rate schedules: linear warmup, then cosine / linear decay to a floor, or
-warmup-stable-decay (WSD, MiniCPM 2024: constant lr, then a short decay at the end).
+"""Learning-rate schedules: linear warmup (Goyal et al. 2017), then cosine decay (Loshchilov &
+Hutter 2017, SGDR without restarts) or linear decay to a floor, or warmup-stable-decay (WSD,
+Hu et al. 2024, MiniCPM: constant lr, then a short decay at the end).
 
 A pure function of the step, so a resumed run needs no scheduler state.
 """
@@ -12,7 +13,9 @@ from babyllama.config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
+    """Learning rate for optimizer step `step` (0-based): rises linearly to `cfg.lr` over
+    `warmup_steps`, then follows `cfg.schedule` down to `cfg.lr * min_lr_ratio` at the last
+    step (wsd: decays over the last `decay_fraction` of the steps; constant: stays at the peak)."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     last = cfg.max_steps - 1  # the final step runs at the floor
     if step < cfg.warmup_steps:

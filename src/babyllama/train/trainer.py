@@ -5,6 +5,10 @@ returns inputs, targets with -100 where a token must not count, and extra model 
 as a packed batch's attention mask), the evaluation set and how samples are prompted;
 precision, accumulation, clipping, schedules, the non-finite guard, evaluation, samples,
 logging, checkpoints and DDP all live here.
+
+`train`, at the end, sets up, then each iteration is one `optimizer_step` followed by the
+end-of-step actions (`log_step`, `evaluate_and_log`, `run_eval_tasks`, `write_samples`,
+`save_checkpoint`), each on its own schedule.
 """
 
 from __future__ import annotations
@@ -21,21 +25,43 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from babyllama.config import RunConfig
+from babyllama.config import RunConfig, TrainConfig
 from babyllama.errors import UserError
 from babyllama.eval.report import default_name, write_result
 from babyllama.eval.scoring import target_scores, wide_float
 from babyllama.eval.tasks import run_task, task_options
-from babyllama.infer.config import GenerationConfig
+from babyllama.infer.config import decoding_defaults
 from babyllama.infer.generate import generate_text
-from babyllama.train.checkpoint import find_resume_dir, load_resume, publish_weights, save_resume
+from babyllama.run import Run
+from babyllama.train.checkpoint import load_resume, save_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum
 from babyllama.train.metrics import MetricsLog, plot_loss
 from babyllama.train.schedule import lr_at
 
 
 class TrainData(Protocol):
-    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]: ...
+    """A stage's training batches: a pure function of (step, micro-step), so resume is exact."""
+
+    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Inputs (B, T) and targets (B, T), int64 on `device`, targets -100 where a token
+        must not count; and extra keyword arguments for the model's forward (a packed
+        batch's `attn_mask` and `position_ids`)."""
+        ...
+
+
+def load_checkpoint(run: Run, model, optimizer, scaler) -> dict:
+    """Restore weights, optimizer, loss scaler and RNG states from the run's resume state;
+    returns the trainer state ({"step", "tokens", ...}). Raises UserError when there is none."""
+    resume_dir = run.resume_dir()
+    if resume_dir is None:
+        raise UserError(f"{run.path}: nothing to resume (no resume/ state); start without --resume")
+    return load_resume(resume_dir, model, optimizer, scaler)
+
+
+def write_checkpoint(run: Run, model, optimizer, scaler, state: dict) -> None:
+    """Replace the run's resume state, then make its weights the run's own."""
+    save_resume(run.path, model, optimizer, scaler, state)
+    run.publish_weights()
 
 
 @dataclass
@@ -48,6 +74,7 @@ class EvalSet:
 
     @classmethod
     def from_windows(cls, windows, batch_size: int, tokenizer) -> "EvalSet":
+        """Batches of (inputs, targets), each (batch_size, T), from token windows (N, T + 1)."""
         w = torch.as_tensor(windows, dtype=torch.long)
         batches = [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, len(w), batch_size)]
         # Decoding window by window can split a character at the edges; that miscounts at most
@@ -57,6 +84,8 @@ class EvalSet:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` with "auto" made concrete: bf16-mixed on a CUDA GPU that has bf16,
+    else fp16-mixed there; fp32 elsewhere. Prints a note for a low precision on CPU."""
     if precision != "auto":
         if precision != "fp32" and device.type == "cpu":
             # Allowed (it works), but warn: this CPU has no fast bf16 matmul.
@@ -68,6 +97,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_context(precision: str, device: torch.device):
+    """torch.autocast for the mixed precisions; a no-op for fp32 and bf16-true (whose weights
+    are already bf16)."""
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16-mixed":
@@ -75,9 +106,12 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) over the trainable parameters,
+    or bitsandbytes' 8-bit AdamW. Raises UserError if adamw8bit is asked for without
+    bitsandbytes installed."""
     # Decay matrices (projections, embeddings); never norms' gains: shrinking them toward 0
-    # only fights the normalisation.
+    # only fights the normalisation (the split nanoGPT's configure_optimizers makes).
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -86,7 +120,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional dependency (the bnb extra): imported only here
         except ImportError:
             raise UserError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'babyllama[bnb]'") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
@@ -96,9 +130,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -> dict:
-    """Loss, perplexity, next-token accuracy and bits per character/byte on the eval set, by
-    the scoring `babyllama eval --task lm` uses. Batches are split across ranks and the sums
-    reduced, so DDP evaluates each window once.
+    """Loss (nats/token), perplexity, next-token accuracy and bits per character/byte on the
+    eval set, by the scoring `babyllama eval --task lm` uses; {} when it has no target.
+    Batches are split across ranks and the sums reduced, so DDP evaluates each window once.
     """
     was_training = model.training
     model.eval()
@@ -123,158 +157,183 @@ def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -
             "val_bpc": bits / max(1, eval_set.chars), "val_bpb": bits / max(1, eval_set.bytes)}
 
 
-def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainData,
-          eval_set: EvalSet | None, run_dir: Path, device: torch.device,
-          info: DistInfo = DistInfo(), resume: bool = False, sample_fn=None) -> dict:
-    """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics.
+# ----------------------------------------------------------------------------------------
+# Setting up
 
-    `tokens` in the metrics counts trained targets (every position when pretraining, the
-    assistant tokens in SFT). `sample_fn(model, tokenizer, prompt, sampling) -> str` writes the
-    samples (default: plain continuation; SFT passes one that formats a chat turn).
-    """
-    t = cfg.train
-    run_dir = Path(run_dir)
-    precision = resolve_precision(t.precision, device)
+
+def prepare_model(model: torch.nn.Module, precision: str, device: torch.device,
+                  activation_checkpointing: bool) -> None:
+    """Move `model` to `device` (and to bf16 for "bf16-true"), set activation checkpointing
+    and switch it to training mode, in place."""
     if precision == "bf16-true":
-        model.to(torch.bfloat16)  # seed 4's "bf16-true": weights and optimizer state in bf16
+        # Weights, and so the optimizer state, in bf16: half the memory of fp32 weights, but with
+        # no fp32 master copy an update below bf16's resolution (2^-8 of the weight) rounds away.
+        model.to(torch.bfloat16)
     model.to(device)
     # Set on our Llama itself: on a LoRA (peft) wrapper the attribute would land on the wrapper.
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base_model.gradient_checkpointing = t.activation_checkpointing
+    base_model.gradient_checkpointing = activation_checkpointing
     model.train()
-    optimizer = build_optimizer(model, t)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
 
-    start_step, tokens_seen = 0, 0
-    if resume:
-        resume_dir = find_resume_dir(run_dir)
-        if resume_dir is None:
-            raise UserError(f"{run_dir}: nothing to resume (no resume/ state); start without --resume")
-        state = load_resume(resume_dir, model, optimizer, scaler)
-        start_step, tokens_seen = state["step"], state["tokens"]
 
-    # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
-    tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage == "sft", progress=False)
-             for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
-
+def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo,
+               compile_model: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(forward_model, ddp_model): `model` in DDP when there are several processes (else
+    itself), and that in torch.compile when `compile_model` is set. The micro-steps call
+    `forward_model`; `ddp_model` is what `no_sync` is asked of."""
     forward_model = ddp_model = model
     if info.enabled:
         forward_model = ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
+    if compile_model:
         forward_model = torch.compile(forward_model)
+    return forward_model, ddp_model
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None) \
-        if info.is_main else None
-    # Redraw often on a terminal; in a log file every redraw is a new line, so rarely.
-    bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not info.is_main, desc="train", mininterval=0.2 if sys.stderr.isatty() else 15)
-    last: dict = {}
-    bad_in_a_row = 0
-    window_t0, window_tokens = time.perf_counter(), 0
-    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-    # Micro-steps backpropagate loss sums divided by this constant (the same on every rank and
-    # micro-step, or the rescaling below would not be exact); a micro-batch's positions keep the
-    # backward's magnitudes those of a mean loss, which fp16 loss scaling relies on.
+
+@dataclass
+class TrainSetup:
+    """What the step and checkpoint functions share, built once by `train`."""
+    cfg: RunConfig
+    model: torch.nn.Module          # the trained module: its parameters, saving, eval, samples
+    forward_model: torch.nn.Module  # what the micro-steps call (see `wrap_model`)
+    ddp_model: torch.nn.Module      # `model` or its DDP wrapper: what `no_sync` is asked of
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16-mixed only
+    precision: str
+    device: torch.device
+    info: DistInfo
+
+
+# ----------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (the same numbers on every rank)."""
+    loss: float       # mean cross-entropy over the step's target tokens, nats (nan: no target)
+    grad_norm: float  # global L2 norm of that mean's gradient, before clipping
+    tokens: int       # target tokens in the step, all micro-steps and ranks
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def optimizer_step(s: TrainSetup, train_data: TrainData, step: int) -> StepResult:
+    """Accumulate `train.grad_accum` micro-batches of `train_data`'s step `step`, then update
+    the weights once, at the learning rate already set on the optimizer.
+
+    The step's loss is the mean over ALL its target tokens, however they are split into
+    micro-batches and ranks. A mean per micro-batch, averaged, would weight a micro-batch of 2
+    answer tokens like one of 500 (the bug transformers, torchtune and nanochat fixed in
+    2024). Each micro-step backpropagates its loss *sum* / (batch_size * seq_len); once the step's target
+    count is known (all ranks), the gradients are rescaled to the mean and clipped to
+    `train.grad_clip` (global L2 norm; 0 disables). A non-finite loss or gradient norm leaves
+    the weights and optimizer state untouched (fp16: the GradScaler skips the update itself and
+    lowers its scale). The gradients are cleared either way.
+    """
+    t = s.cfg.train
+    # A constant, the same on every rank and micro-step, or the rescaling below would not be
+    # exact; a micro-batch's positions keep the backward's magnitudes those of a mean loss,
+    # which fp16 loss scaling relies on.
     norm = t.batch_size * t.seq_len
+    # [loss sum, target count]: one tensor, so DDP reduces (and the host reads) both at once.
+    sums = torch.zeros(2, dtype=torch.float32, device=s.device)  # (no float64 on MPS)
+    for micro in range(t.grad_accum):
+        x, y, extra = train_data.get(step, micro, s.device)
+        # DDP all-reduces gradients on every backward; skip that on all but the last
+        # micro-step of the accumulation.
+        sync = micro == t.grad_accum - 1
+        no_sync = s.ddp_model.no_sync() if s.info.enabled and not sync else contextlib.nullcontext()
+        with no_sync, autocast_context(s.precision, s.device):
+            _, loss_sum = s.forward_model(x, y, loss_reduction="sum", **extra)
+        scaled = loss_sum / norm
+        (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+        sums[0] += loss_sum.detach().float()
+        sums[1] += (y != -100).sum()
+    if s.scaler is not None:
+        s.scaler.unscale_(s.optimizer)
+    loss_total, tokens = all_reduce_sum(sums, s.info).tolist()
+    tokens = int(tokens)
+    # DDP averaged the gradients over ranks: x world_size gives their sum, / tokens the mean.
+    # No target at all (possible only with hand-made data) makes the step non-finite: skipped.
+    grads = [p.grad for p in s.model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, norm * s.info.world_size / tokens if tokens else math.nan)
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    result = StepResult(loss_total / tokens if tokens else math.nan, float(grad_norm), tokens)
+    if s.scaler is not None:
+        if tokens:
+            s.scaler.step(s.optimizer)  # skips the update by itself on inf/nan gradients
+        s.scaler.update()
+    elif result.finite:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return result
 
-    for step in range(start_step, t.max_steps):
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # The step's loss is the mean over ALL its target tokens, however they are split into
-        # micro-batches and ranks. A mean per micro-batch, averaged, would weight a micro-batch
-        # of 2 answer tokens like one of 500 (the bug transformers, torchtune and nanochat fixed
-        # in 2024). Each micro-step backpropagates its loss *sum* / `norm`; once the step's
-        # target count is known (all ranks), the gradients are rescaled to the mean.
-        # [loss sum, target count]: one tensor, so DDP reduces (and the host reads) both at once.
-        sums = torch.zeros(2, dtype=torch.float32, device=device)  # (no float64 on MPS)
-        for micro in range(t.grad_accum):
-            x, y, extra = train_data.get(step, micro, device)
-            # DDP all-reduces gradients on every backward; skip that on all but the last
-            # micro-step of the accumulation.
-            sync = micro == t.grad_accum - 1
-            no_sync = ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
-            with no_sync, autocast_context(precision, device):
-                _, loss_sum = forward_model(x, y, loss_reduction="sum", **extra)
-            scaled = loss_sum / norm
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            sums[0] += loss_sum.detach().float()
-            sums[1] += (y != -100).sum()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        loss_total, step_tokens = all_reduce_sum(sums, info).tolist()
-        step_tokens = int(step_tokens)
-        # DDP averaged the gradients over ranks: x world_size gives their sum, / tokens the mean.
-        # No target at all (possible only with hand-made data) makes the step non-finite: skipped.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, norm * info.world_size / step_tokens if step_tokens else math.nan)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_value = loss_total / step_tokens if step_tokens else math.nan
-        norm_value = float(grad_norm)
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if scaler is not None:
-            if step_tokens:
-                scaler.step(optimizer)  # skips the update by itself on inf/nan gradients
-            scaler.update()
-        elif finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += step_tokens
-        window_tokens += step_tokens
-        done = step + 1
 
-        if not finite:
-            bad_in_a_row += 1
-            if metrics:
-                metrics.write({"step": done, "tokens": tokens_seen, "skipped": "non-finite loss or gradient",
-                               "loss_raw": str(loss_value), "grad_norm_raw": str(norm_value)})
-                bar.write(f"step {done}: non-finite loss/gradient, update skipped "
-                          f"({bad_in_a_row} in a row)")
-            if bad_in_a_row >= t.max_bad_steps:
-                raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {done}: lower "
-                                "train.lr, use fp32/bf16, or check the data")
-        else:
-            bad_in_a_row = 0
+# ----------------------------------------------------------------------------------------
+# End-of-step actions
 
-        if finite and (done % t.log_every == 0 or done == t.max_steps or done == start_step + 1):
-            elapsed = time.perf_counter() - window_t0
-            rate = window_tokens / elapsed if elapsed > 0 else 0.0
-            last = {"step": done, "tokens": tokens_seen, "loss": loss_value, "lr": lr,
-                    "grad_norm": norm_value, "tok_per_s": rate}
-            if metrics:
-                metrics.write(last)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
-            window_t0, window_tokens = time.perf_counter(), 0
-        bar.update(1)
 
-        final = done == t.max_steps
-        at_eval = final or (t.eval_every and done % t.eval_every == 0)
-        if eval_set is not None and at_eval:
-            result = evaluate(model, eval_set, device, precision, info)
-            if result and metrics:
-                metrics.write({"step": done, "tokens": tokens_seen, **result})
-                bar.write(f"step {done}: val loss {result['val_loss']:.3f}  ppl {result['val_ppl']:.1f}"
-                          f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
-                plot_loss(metrics.read(), run_dir / "loss.png", title=run_dir.name)
-            last.update(result)
-        if tasks and at_eval:
-            last.update(run_eval_tasks(model, tokenizer, tasks, run_dir, done, tokens_seen, metrics, bar))
-        if info.is_main and t.sample_prompts and (final or (t.sample_every and done % t.sample_every == 0)):
-            write_samples(model, tokenizer, t, done, run_dir / "samples.txt", bar, sample_fn)
-        if final or (t.save_every and done % t.save_every == 0):
-            if info.is_main:
-                state = {"step": done, "tokens": tokens_seen, "max_steps": t.max_steps}
-                if cfg.stage == "sft":
-                    state["base"] = cfg.sft.base  # a LoRA adapter names the run it belongs on
-                save_resume(run_dir, model, optimizer, scaler, state)
-                publish_weights(run_dir)
-            if info.enabled:
-                torch.distributed.barrier()
-    bar.close()
+def every(done: int, interval: int) -> bool:
+    """True on every `interval`-th step (1-based `done`); never when `interval` is 0."""
+    return bool(interval) and done % interval == 0
+
+
+class TokenRate:
+    """Trained tokens per second over a window that `take` closes and restarts."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.t0, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+def log_step(metrics: MetricsLog | None, bar, done: int, tokens_seen: int, result: StepResult,
+             lr: float, tok_per_s: float) -> dict:
+    """Write the step's training record (main process) and show it on the progress bar;
+    returns the record."""
+    record = {"step": done, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
+              "grad_norm": result.grad_norm, "tok_per_s": tok_per_s}
     if metrics:
-        plot_loss(metrics.read(), run_dir / "loss.png", title=run_dir.name)
-    return last
+        metrics.write(record)
+    bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
+    return record
+
+
+def log_skipped_step(metrics: MetricsLog | None, bar, done: int, tokens_seen: int,
+                     result: StepResult, bad_in_a_row: int, max_bad_steps: int) -> None:
+    """Record a step whose update was skipped (main process). Raises UserError once
+    `max_bad_steps` steps in a row were."""
+    if metrics:
+        metrics.write({"step": done, "tokens": tokens_seen, "skipped": "non-finite loss or gradient",
+                       "loss_raw": str(result.loss), "grad_norm_raw": str(result.grad_norm)})
+        bar.write(f"step {done}: non-finite loss/gradient, update skipped ({bad_in_a_row} in a row)")
+    if bad_in_a_row >= max_bad_steps:
+        raise UserError(f"{bad_in_a_row} non-finite steps in a row at step {done}: lower "
+                        "train.lr, use fp32/bf16, or check the data")
+
+
+def evaluate_and_log(s: TrainSetup, eval_set: EvalSet, run: Run, metrics: MetricsLog | None,
+                     bar, done: int, tokens_seen: int) -> dict:
+    """`evaluate` on every rank; the main process logs the numbers and redraws the loss plot.
+    Returns the numbers ({} when the eval set has no target)."""
+    result = evaluate(s.model, eval_set, s.device, s.precision, s.info)
+    if result and metrics:
+        metrics.write({"step": done, "tokens": tokens_seen, **result})
+        bar.write(f"step {done}: val loss {result['val_loss']:.3f}  ppl {result['val_ppl']:.1f}"
+                  f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
+        plot_loss(metrics.read(), run.loss_plot_file, title=run.path.name)
+    return result
 
 
 def run_eval_tasks(model, tokenizer, tasks, run_dir: Path, step: int, tokens: int,
@@ -293,12 +352,13 @@ def run_eval_tasks(model, tokenizer, tasks, run_dir: Path, step: int, tokens: in
     return numbers
 
 
-def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=None) -> None:
+def write_samples(model, tokenizer, t: TrainConfig, step: int, path: Path, bar, sample_fn=None) -> None:
+    """Complete each of `t.sample_prompts` (temperature 0.8, top-k 50, repetition penalty
+    1.1, a fixed seed per prompt), print the block and append it to `path`."""
     lines = [f"## step {step}"]
     sample_fn = sample_fn or generate_text
     for i, prompt in enumerate(t.sample_prompts):
-        cfg = GenerationConfig(max_new_tokens=t.sample_max_new_tokens, temperature=0.8, top_k=50,
-                               repetition_penalty=1.1, seed=t.seed + i)
+        cfg = decoding_defaults("samples", max_new_tokens=t.sample_max_new_tokens, seed=t.seed + i)
         text = sample_fn(model, tokenizer, prompt, cfg)
         lines.append(f"{prompt}|{text}")
     block = "\n".join(lines)
@@ -306,3 +366,88 @@ def write_samples(model, tokenizer, t, step: int, path: Path, bar, sample_fn=Non
     with open(path, "a", encoding="utf-8") as f:
         f.write(block + "\n\n")
 
+
+def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int) -> None:
+    """Save the resume state and publish its weights (main process); every rank then waits
+    at a barrier, so none runs ahead of a checkpoint that is still being written."""
+    if s.info.is_main:
+        state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps}
+        if s.cfg.stage == "sft":
+            state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
+        write_checkpoint(run, s.model, s.optimizer, s.scaler, state)
+    if s.info.enabled:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainData,
+          eval_set: EvalSet | None, run_dir: Path, device: torch.device,
+          info: DistInfo | None = None, resume: bool = False, sample_fn=None) -> dict:
+    """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics.
+
+    `tokens` in the metrics counts trained targets (every position when pretraining, the
+    assistant tokens in SFT). `sample_fn(model, tokenizer, prompt, sampling) -> str` writes the
+    samples (default: plain continuation; SFT passes one that formats a chat turn).
+    Raises UserError when there is nothing to resume, a train.eval_tasks entry is invalid, or
+    `train.max_bad_steps` steps in a row are non-finite.
+    """
+    t = cfg.train
+    info = info or DistInfo()  # a single process
+    run = Run(run_dir)
+    precision = resolve_precision(t.precision, device)
+    prepare_model(model, precision, device, t.activation_checkpointing)
+    optimizer = build_optimizer(model, t)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+    start_step, tokens_seen = 0, 0
+    if resume:  # before DDP wraps the model: DDP broadcasts rank 0's weights as it starts
+        state = load_checkpoint(run, model, optimizer, scaler)
+        start_step, tokens_seen = state["step"], state["tokens"]
+    # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
+    tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage == "sft", progress=False)
+             for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
+    forward_model, ddp_model = wrap_model(model, device, info, compile_model=t.compile)
+    s = TrainSetup(cfg, model, forward_model, ddp_model, optimizer, scaler, precision, device, info)
+
+    metrics = MetricsLog(run.metrics_file, resume_step=start_step if resume else None) \
+        if info.is_main else None
+    # Redraw often on a terminal; in a log file every redraw is a new line, so rarely.
+    bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=not info.is_main, desc="train", mininterval=0.2 if sys.stderr.isatty() else 15)
+    last: dict = {}
+    bad_in_a_row = 0
+    rate = TokenRate()
+
+    for step in range(start_step, t.max_steps):
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        result = optimizer_step(s, train_data, step)
+        tokens_seen += result.tokens
+        rate.add(result.tokens)
+        done = step + 1
+        if not result.finite:
+            bad_in_a_row += 1
+            log_skipped_step(metrics, bar, done, tokens_seen, result, bad_in_a_row, t.max_bad_steps)
+        else:
+            bad_in_a_row = 0
+            if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
+                last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take())
+        bar.update(1)
+
+        final = done == t.max_steps
+        if final or every(done, t.eval_every):
+            if eval_set is not None:
+                last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen))
+            if tasks:
+                last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
+        if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
+            write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
+        if final or every(done, t.save_every):
+            save_checkpoint(s, run, done, tokens_seen)
+    bar.close()
+    if metrics:
+        plot_loss(metrics.read(), run.loss_plot_file, title=run.path.name)
+    return last

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from babyllama.cli import build_parser
 from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
 
 
@@ -25,10 +26,25 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     return errors[0]
 
 
-@pytest.mark.parametrize("sub", [["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"],
-                                 ["eval"], ["export"], ["import"], ["model", "info"],
-                                 ["tokenizer", "trim"], ["tokenizer", "report"], ["clean"],
-                                 ["demo"]])
+def command_lines(parser, path=()) -> list[list[str]]:
+    """Every command and action the parser knows, e.g. ["clean"], ["tokenizer"], ["tokenizer", "train"]:
+    taken from the parser so that a new command is checked without being listed here."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action.choices, dict):  # argparse's subcommands: name -> its parser
+            for name, sub in action.choices.items():
+                found.append([*path, name])
+                found += command_lines(sub, (*path, name))
+    return found
+
+
+def test_command_lines_come_from_the_parser():
+    lines = command_lines(build_parser())
+    for expected in (["sft"], ["chat"], ["merge-lora"], ["tokenizer", "trim"], ["model", "info"]):
+        assert expected in lines
+
+
+@pytest.mark.parametrize("sub", command_lines(build_parser()), ids=" ".join)
 def test_every_subcommand_has_help(sub):
     result = run(sub + ["--help"])
     assert result.returncode == 0 and "usage: babyllama" in result.stdout
@@ -178,3 +194,30 @@ def test_pipeline_through_the_cli_then_generate(corpus_file, tmp_path):
     assert_one_line_error(run(["export", out, "--format", "tflite", "-o", tmp_path / "x"]), "hf, gguf, onnx")
     assert_one_line_error(run(["eval", out, "--task", "generation", "--data", corpus_file, "--top-k", "-1"]),
                           "top_k")
+
+
+def test_decoding_flags_default_to_the_one_table(tmp_path):
+    """`generate` and `chat` flags default to their rows of DECODING_DEFAULTS; `eval` leaves every
+    flag unset, so each task's own row applies."""
+    from dataclasses import asdict
+
+    from babyllama.cli import build_parser
+    from babyllama.cli.decoding import sampling_kwargs
+    from babyllama.cli.eval import eval_options
+    from babyllama.infer.config import decoding_defaults
+
+    parser = build_parser()
+    for argv, kind in ((["generate", "RUN", "--prompt", "x"], "plain"), (["chat", "RUN"], "chat")):
+        settings = sampling_kwargs(parser.parse_args(argv))
+        expected = asdict(decoding_defaults(kind))
+        assert settings == {k: expected[k] for k in settings}, kind
+        assert set(expected) - set(settings) <= {"early_stopping", "num_return_sequences", "seed"}
+    assert decoding_defaults("plain").max_new_tokens == 100 and decoding_defaults("chat").top_k == 50
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "你好", "text": "正文", "summary": "摘要"}\n', encoding="utf-8")
+    for task, kind in (("rouge", "eval-rouge"), ("generation", "eval-generation")):
+        args = parser.parse_args(["eval", "RUN", "--task", task, "--data", str(prompts)])
+        _, options = eval_options(args, chat=False)
+        assert options.generation == decoding_defaults(kind), task
+    args = parser.parse_args(["eval", "RUN", "--task", "rouge", "--data", str(prompts), "--max-new-tokens", "9"])
+    assert eval_options(args, chat=False)[1].generation == decoding_defaults("eval-rouge", max_new_tokens=9)

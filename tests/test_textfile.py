@@ -95,7 +95,7 @@ def test_the_cli_reads_a_config_json_with_a_bom(hf_dir_with_boms, tmp_path):
 
 
 def test_chat_documents_templates_and_config_files_lose_their_bom(tiny_tokenizer, tmp_path):
-    from babyllama.cli import read_document
+    from babyllama.cli.chat import read_document
     from babyllama.config import load_config
     from babyllama.tokenizer.chat_template import render, resolve_template
 

@@ -1,0 +1,18 @@
+"""`babyllama import`: a transformers Llama directory -> a run directory."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    im = subparsers.add_parser("import", help="a transformers Llama directory -> a run directory")
+    im.add_argument("src", help="a directory with config.json, model.safetensors and tokenizer files")
+    im.add_argument("-o", "--out", required=True, help="the run directory to write")
+    im.set_defaults(func=cmd_import)
+
+
+def cmd_import(args) -> None:
+    from babyllama.export.hf import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"imported {args.src} -> {out} (config.yaml, model.safetensors, tokenizer/): "
+          f"`babyllama generate {out}`, `babyllama sft` with sft.base={out}")

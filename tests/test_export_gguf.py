@@ -30,7 +30,7 @@ def tiny_model(vocab_size: int, seed: int = 0, **kw) -> Llama:
     torch.manual_seed(seed)
     model = Llama(ModelConfig(**base)).eval()
     with torch.no_grad():  # norms are ones at init: make them tell the tensors apart
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model

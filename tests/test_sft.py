@@ -45,9 +45,8 @@ def sft_cfg(base_run, data, out, extra=()):
     values = parse_overrides(["train.lr=1e-2", "train.batch_size=8", "train.log_every=1",
                               "train.sample_prompts=[]", "sft.val_fraction=0.1", *extra])
     values["sft"]["sources"] = [data]
-    cfg = sft_config(base_run, values)
-    cfg.out_dir = str(out)
-    return cfg, set(values.get("train", {}))
+    values["out_dir"] = str(out)
+    return sft_config(base_run, values)
 
 
 def test_sft_learns_the_answer_and_chat_gives_it(base_run, tmp_path):
@@ -57,8 +56,8 @@ def test_sft_learns_the_answer_and_chat_gives_it(base_run, tmp_path):
     from babyllama.train.sft import run_sft
 
     data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations())
-    cfg, given = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=100"])
-    run = run_sft(cfg, given=given)
+    cfg = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=100"])
+    run = run_sft(cfg)
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_acc"] > 0.9
     llm = load(run, device="cpu")
@@ -72,9 +71,9 @@ def test_sft_trains_only_on_assistant_tokens(base_run, tmp_path):
     from babyllama.train.sft import run_sft
 
     data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(20))
-    cfg, given = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=1", "sft.val_fraction=0",
+    cfg = sft_cfg(base_run, data, tmp_path / "sft", ["train.max_steps=1", "sft.val_fraction=0",
                                                             "train.batch_size=64"])
-    run = run_sft(cfg, given=given)
+    run = run_sft(cfg)
     from babyllama.tokenizer import Tokenizer
 
     tok = Tokenizer.load(run / "tokenizer")
@@ -88,7 +87,7 @@ LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8"]
 
 @pytest.mark.parametrize("variant", [[], LORA, LORA + ["lora.qlora=true"]], ids=["full", "lora", "qlora"])
 def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch, variant):
-    from babyllama.config import read_run_config
+    from babyllama.run import Run
     from babyllama.train import checkpoint, trainer
     from babyllama.train.sft import run_sft
     from safetensors.torch import load_file
@@ -97,8 +96,8 @@ def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch, variant):
     if "lora.qlora=true" in variant:
         pytest.importorskip("bitsandbytes")
     extra = ["train.max_steps=6", "train.save_every=3", "train.batch_size=4", *variant]
-    straight, given = sft_cfg(base_run, data, tmp_path / "straight", extra)
-    run_sft(straight, given=given)
+    straight = sft_cfg(base_run, data, tmp_path / "straight", extra)
+    run_sft(straight)
 
     real_save = checkpoint.save_resume
 
@@ -108,11 +107,11 @@ def test_sft_resume_is_exact(base_run, tmp_path, monkeypatch, variant):
             raise KeyboardInterrupt  # killed right after the step-3 checkpoint
 
     monkeypatch.setattr(trainer, "save_resume", save_then_die)
-    cut, given = sft_cfg(base_run, data, tmp_path / "cut", extra)
+    cut = sft_cfg(base_run, data, tmp_path / "cut", extra)
     with pytest.raises(KeyboardInterrupt):
-        run_sft(cut, given=given)
+        run_sft(cut)
     monkeypatch.setattr(trainer, "save_resume", real_save)
-    cfg = read_run_config(tmp_path / "cut")
+    cfg = Run(tmp_path / "cut").config()
     cfg.out_dir = str(tmp_path / "cut")
     run_sft(cfg, resume=True)
     weights = "adapter_model.safetensors" if variant else "model.safetensors"
@@ -127,9 +126,9 @@ def test_sft_with_replay_and_padding_runs(base_run, tiny_data, tmp_path):
     from babyllama.train.sft import run_sft
 
     data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(16))
-    cfg, given = sft_cfg(base_run, data, tmp_path / "sft",
+    cfg = sft_cfg(base_run, data, tmp_path / "sft",
                          ["train.max_steps=2", "sft.mode=pad", "sft.replay_ratio=0.5", "train.seq_len=60"])
-    run = run_sft(cfg, given=given)
+    run = run_sft(cfg)
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
@@ -173,9 +172,9 @@ def test_step_loss_and_gradients_are_token_weighted_whatever_the_micro_batch_spl
         GradRecorder.made.clear()
         common = ["train.max_steps=1", "sft.val_fraction=0", "train.grad_clip=0", "sft.mode=pad",
                   "train.precision=fp32", "train.device=cpu", "model.dropout=0"]
-        cfg, given = sft_cfg(base_run, data, tmp_path / f"{batch}x{accum}",
+        cfg = sft_cfg(base_run, data, tmp_path / f"{batch}x{accum}",
                              common + [f"train.batch_size={batch}", f"train.grad_accum={accum}"])
-        run = run_sft(cfg, given=given)
+        run = run_sft(cfg)
         record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][0]
         runs[batch, accum] = record, GradRecorder.made[-1].grads
     (one, g_one), (split, g_split) = runs[2, 1], runs[1, 2]
@@ -301,24 +300,24 @@ def test_chat_answers_a_message_that_fits_the_context_with_less_room_for_the_ans
 def test_lora_run_keeps_only_the_adapter_and_loads_merged(base_run, tmp_path):
     """A LoRA run stores the adapter (peft layout) and a pointer to its base; loading it, or
     merging it with `babyllama merge-lora`, gives the logits of base + adapter."""
-    from babyllama.config import read_run_config
+    from babyllama.run import Run
     from babyllama.llm import load
     from babyllama.lora import load_adapter
     from babyllama.model.llama import Llama
-    from babyllama.train.checkpoint import load_weights
+    from babyllama.model.weights import load_weights
     from babyllama.train.sft import run_sft
 
     base_bytes = (base_run / "model.safetensors").read_bytes()
     data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(16))
-    cfg, given = sft_cfg(base_run, data, tmp_path / "lora", ["train.max_steps=4", *LORA])
-    run = run_sft(cfg, given=given)
+    cfg = sft_cfg(base_run, data, tmp_path / "lora", ["train.max_steps=4", *LORA])
+    run = run_sft(cfg)
     assert (run / "adapter_config.json").exists() and (run / "adapter_model.safetensors").exists()
     assert not (run / "model.safetensors").exists()
     assert (base_run / "model.safetensors").read_bytes() == base_bytes
     adapter_cfg = json.loads((run / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["base_model_name_or_path"] == str(base_run.resolve())
 
-    mcfg = read_run_config(run).model
+    mcfg = Run(run).config().model
     x = torch.tensor([[4, 100, 98, 376, 214, 176, 137]])
     base = Llama(mcfg)
     load_weights(base, base_run / "model.safetensors")
@@ -364,13 +363,13 @@ def test_lora_bad_input_is_one_line(base_run, tmp_path):
 
 
 def test_several_adapters_on_one_base_switch_by_name(base_run, tmp_path):
-    from babyllama.config import read_run_config
+    from babyllama.run import Run
     from babyllama.llm import load
     from babyllama.lora import LoraConfig, apply_lora, save_adapter
     from babyllama.model.llama import Llama
-    from babyllama.train.checkpoint import load_weights
+    from babyllama.model.weights import load_weights
 
-    mcfg = read_run_config(base_run).model
+    mcfg = Run(base_run).config().model
     x = torch.tensor([[4, 100, 98, 376, 214]])
     expected = {}
     for k, name in enumerate(("greet", "math")):

@@ -1,6 +1,7 @@
 """babyllama: build a small Chinese chat LLM by hand, every stage readable and tested."""
 
 __version__ = "0.1.0"
+__all__ = ["GenerationConfig", "load"]
 
 
 def load(path, device: str = "auto"):

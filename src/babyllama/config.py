@@ -9,6 +9,7 @@ fully resolved config is printed at start and saved as `config.yaml` in the run 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from babyllama.atomic import atomic_write_text
 from babyllama.errors import UserError
 from babyllama.lora import LoraConfig
 from babyllama.model.llama import ModelConfig
@@ -44,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes, seed 3)
+    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes' 8-bit AdamW states)
     grad_clip: float = 1.0          # 0 disables clipping
     precision: str = "auto"         # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False
@@ -106,8 +108,8 @@ class SFTConfig:
     max_tokens: int = 0             # > 0: train on about this many tokens instead of epochs
     val_fraction: float = 0.02      # held-out conversations for evaluation
     replay_data: str = ""           # prepared pretraining shards to replay ("base": the base run's)
-    replay_ratio: float = 0.0       # extra pretraining rows per SFT row (seed 4)
-    shuffle_constraints: float = 0.0  # probability to shuffle `key：value` instruction lines (seed 4)
+    replay_ratio: float = 0.0       # extra pretraining rows per SFT row (replay against forgetting)
+    shuffle_constraints: float = 0.0  # probability to shuffle `key：value` instruction lines (augmentation)
     skip_bad_records: bool = False
 
     def problems(self) -> list[str]:
@@ -161,6 +163,10 @@ class RunConfig:
     stage: str = "pretrain"  # pretrain | sft
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    # The dotted keys the user set ("train.lr", ...): no default derived later (steps,
+    # intervals, the LoRA learning rate) replaces them. Not saved, not settable.
+    user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False,
+                                      metadata={"internal": True})
 
     def problems(self) -> list[str]:
         out = self.model.problems() + self.train.problems()
@@ -178,6 +184,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        del d["user_keys"]
         d["train"]["betas"] = list(self.train.betas)
         # A run's config stays free of settings it never reads.
         if self.stage != "sft":
@@ -235,7 +242,7 @@ def _coerce(value, hint, key: str, source: str):
 
 def apply_values(obj, values: dict, prefix: str = "", source: str = "command line"):
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    names = [f.name for f in dataclasses.fields(obj) if not f.metadata.get("internal")]
     for k, v in values.items():
         key = f"{prefix}{k}"
         if k not in names:
@@ -251,7 +258,8 @@ def apply_values(obj, values: dict, prefix: str = "", source: str = "command lin
             setattr(obj, k, _coerce(v, hints[k], key, source))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping; UserError (file:line) for a missing file, bad YAML or a non-mapping."""
     if not path.exists():
         raise UserError(f"{path}: no such config file")
     try:
@@ -297,17 +305,131 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
-    cfg = RunConfig()
-    if preset:
-        path = resolve_preset(preset)
-        apply_values(cfg, _read_yaml(path), "", str(path))
-        cfg.preset = preset
-    if overrides:
-        values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        apply_values(cfg, values, "", "command line")
+# --- resolution: start -> stage defaults -> the user's overrides ------------------------------
+#
+# Every command that builds a RunConfig goes through `resolve_config` (new runs) or
+# `resume_config` (continuing one); none of them changes a config it was given.
+
+# Fixed chat prompts for the samples written during SFT (one per domain the demo data covers).
+SFT_SAMPLE_PROMPTS = ("你好，你是谁？", "你喜欢什么书？", "给我讲个笑话吧。")
+
+# What may change when a run resumes: its length and how often it logs. Everything else (the
+# model, the data, the schedule's shape) is the run's and would make the resumed run a
+# different one.
+RESUME_KEYS = {"train": {"max_steps", "eval_every", "sample_every", "save_every", "log_every",
+                         "device"}}
+
+
+def dotted_keys(values: dict, prefix: str = "") -> set[str]:
+    """{"train": {"lr": 1, "seq_len": 2}} -> {"train.lr", "train.seq_len"}."""
+    out = set()
+    for k, v in values.items():
+        out |= dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def copy_config(cfg: RunConfig, **changes) -> RunConfig:
+    """A deep copy of `cfg` with top-level fields replaced (the original is left alone)."""
+    out = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+def sft_defaults(base: RunConfig, base_dir: str) -> RunConfig:
+    """The starting point of fine-tuning the run `base` (saved at `base_dir`): its model, its
+    hardware and optimiser settings; fine-tuning's own length, learning rate and intervals."""
+    b = base.train
+    train = TrainConfig(batch_size=b.batch_size, grad_accum=b.grad_accum, precision=b.precision,
+                        optimizer=b.optimizer, betas=b.betas, device=b.device, compile=b.compile,
+                        activation_checkpointing=b.activation_checkpointing, seed=b.seed,
+                        seq_len=base.model.max_position_embeddings,
+                        # Half the pretraining peak: enough to learn the chat format in a few
+                        # epochs on a small model without wrecking what it knows.
+                        lr=b.lr * 0.5, weight_decay=0.0, warmup_steps=0,
+                        sample_prompts=list(SFT_SAMPLE_PROMPTS))
+    return RunConfig(model=copy.deepcopy(base.model), train=train, stage="sft", preset=base.preset,
+                     sft=SFTConfig(base=base_dir))
+
+
+def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
+                   base: RunConfig | None = None, base_dir: str = "",
+                   overrides: list[str] | dict | None = None) -> RunConfig:
+    """The one resolution of a new run's config, validated.
+
+    The start is a preset name or YAML file (pretraining), or the base run's config `base`
+    saved at `base_dir` (fine-tuning: `sft_defaults`); the user's `overrides` ("section.key=value"
+    strings or a nested dict) are applied last and recorded in `user_keys`. Rules that depend on
+    what the user set run after them: a LoRA run trains at the base's peak learning rate unless
+    train.lr was given. Raises UserError for an unknown key, a wrong type or an invalid value.
+    """
+    if stage == "sft":
+        if base is None:
+            raise UserError("fine-tuning needs the base run's config")
+        cfg = sft_defaults(base, base_dir)
+    elif stage == "pretrain":
+        cfg = RunConfig()
+        if preset:
+            path = resolve_preset(preset)
+            apply_values(cfg, read_yaml(path), "", str(path))
+            cfg.preset = preset
+    else:
+        raise UserError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
+    values = (overrides if isinstance(overrides, dict) else parse_overrides(overrides)) if overrides else {}
+    apply_values(cfg, values, "", "command line")
+    cfg.user_keys = frozenset(dotted_keys(values))
+    if stage == "sft" and cfg.lora.enabled and "train.lr" not in cfg.user_keys:
+        # Adapters start at zero and have few parameters: LoRA is usually run at several
+        # times the full fine-tuning rate (Hu et al. 2021; QLoRA); the base's peak is 2x ours.
+        cfg.train.lr = base.train.lr
     check(cfg)
     return cfg
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """A pretraining config: `preset` (a name or a YAML path) with `overrides` applied."""
+    return resolve_config("pretrain", preset=preset, overrides=overrides)
+
+
+def resume_config(saved: RunConfig, overrides: list[str] | None, out_dir: str) -> RunConfig:
+    """The saved config of a run being resumed from `out_dir`, with the overrides allowed on
+    resume (RESUME_KEYS). Raises UserError naming the first key that may not change."""
+    cfg = copy_config(saved, out_dir=out_dir)  # the run may have moved: trust the path given now
+    if overrides:
+        values = parse_overrides(overrides)
+        for section, keys in values.items():
+            bad = set(keys) - RESUME_KEYS.get(section, set()) if isinstance(keys, dict) else {section}
+            if bad:
+                raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
+                                "resuming (only train.max_steps and logging intervals can)")
+        apply_values(cfg, values)
+        cfg.user_keys = frozenset(dotted_keys(values))
+    check(cfg)
+    return cfg
+
+
+def derive_schedule(cfg: RunConfig, max_steps: int, *, evals: int, saves: int, samples: int,
+                    warmup_divisor: int, warmup_floor: int = 0, warmup_cap: int = 100,
+                    logs: int | None = None) -> RunConfig:
+    """A copy of `cfg` whose length and intervals follow from `max_steps`, the one place they
+    are derived: `evals` evaluations, `saves` checkpoints and `samples` sample rounds over the
+    run; warmup = min(warmup_cap, max(warmup_floor, max_steps // warmup_divisor)); with `logs`,
+    about that many log lines (at least every 10 steps). Keys in `user_keys` are kept."""
+    out = copy.deepcopy(cfg)
+    t = out.train
+    if "train.max_steps" in cfg.user_keys:
+        max_steps = t.max_steps
+    derived = {"max_steps": max_steps,
+               "eval_every": max(1, max_steps // evals),
+               "save_every": max(1, max_steps // saves),
+               "sample_every": max(1, max_steps // samples),
+               "warmup_steps": min(warmup_cap, max(warmup_floor, max_steps // warmup_divisor))}
+    if logs:
+        derived["log_every"] = max(1, min(10, max_steps // logs))
+    for key, value in derived.items():
+        if f"train.{key}" not in cfg.user_keys:
+            setattr(t, key, value)
+    return out
 
 
 def check(cfg: RunConfig, source: str = "config") -> None:
@@ -323,13 +445,4 @@ def config_from_dict(d: dict, source: str) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from babyllama.atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    return config_from_dict(_read_yaml(path), str(path))

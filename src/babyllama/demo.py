@@ -16,7 +16,18 @@ from pathlib import Path
 
 import torch
 
-from babyllama.config import load_config
+from babyllama.config import copy_config, derive_schedule, load_config, resume_config
+from babyllama.data.readers import iter_documents
+from babyllama.data.shards import TokenShards, prepare
+from babyllama.device import pick_device
+from babyllama.infer.config import DECODING_DEFAULTS
+from babyllama.llm import load
+from babyllama.model.llama import Llama
+from babyllama.run import Run
+from babyllama.tokenizer import Tokenizer, train_tokenizer
+from babyllama.train.pretrain import run_pretrain
+from babyllama.train.sft import run_sft, sft_config
+from babyllama.train.trainer import autocast_context, resolve_precision
 
 CORPORA = ["builtin:peoples-daily", "builtin:reviews"]
 PROMPTS = ["中国", "今天", "经济", "这个手机", "房间很"]
@@ -44,9 +55,6 @@ def demo_config(out: Path, device: torch.device):
 
 def seconds_per_step(cfg, device: torch.device) -> float:
     """Time a few optimizer steps of a throwaway copy of the model on random tokens."""
-    from babyllama.model.llama import Llama
-    from babyllama.train.trainer import autocast_context, resolve_precision
-
     model = Llama(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     precision = resolve_precision(cfg.train.precision, device)
@@ -67,13 +75,6 @@ def seconds_per_step(cfg, device: torch.device) -> float:
 
 
 def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
-    from babyllama.data.readers import iter_documents
-    from babyllama.data.shards import TokenShards, prepare
-    from babyllama.llm import load
-    from babyllama.tokenizer import Tokenizer, train_tokenizer
-    from babyllama.train.distributed import pick_device
-    from babyllama.train.pretrain import run_pretrain
-
     t_start = time.perf_counter()
     device = pick_device()
     cfg = demo_config(out, device)
@@ -101,35 +102,32 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     val_tokens = TokenShards(data_dir, "val").n_tokens
     print(f"train {train_tokens:,} tokens, val {val_tokens:,} tokens ({time.perf_counter() - t0:.0f}s)")
 
-    resume = (run_dir / "resume" / "trainer.json").exists()
+    pretrain_run = Run(run_dir)
+    resume = pretrain_run.resume_dir() is not None
     if resume:
-        from babyllama.config import read_run_config
-
-        cfg = read_run_config(run_dir)
-        cfg.data, cfg.out_dir = str(data_dir), str(run_dir)
-    elif steps:
-        cfg.train.max_steps = steps
+        cfg = copy_config(resume_config(pretrain_run.config(), None, str(run_dir)), data=str(data_dir))
     else:
-        per_step = seconds_per_step(cfg, device)
-        budget = minutes * 60
-        cfg.train.max_steps = max(50, int(budget / (per_step * 1.25)))  # data, eval, samples: ~25%
-        print(f"\ncalibrated: {per_step * 1000:.0f} ms/step -> {cfg.train.max_steps} steps "
-              f"in about {minutes:g} minutes")
+        if steps:
+            max_steps = steps
+        else:
+            per_step = seconds_per_step(cfg, device)
+            budget = minutes * 60
+            max_steps = max(50, int(budget / (per_step * 1.25)))  # data, eval, samples: ~25%
+            print(f"\ncalibrated: {per_step * 1000:.0f} ms/step -> {max_steps} steps "
+                  f"in about {minutes:g} minutes")
+        cfg = derive_schedule(cfg, max_steps, evals=6, saves=6, samples=3, warmup_divisor=10,
+                              warmup_floor=1, warmup_cap=cfg.train.warmup_steps)
     t = cfg.train
-    cfg.train.warmup_steps = min(t.warmup_steps, max(1, t.max_steps // 10))
-    cfg.train.eval_every = max(1, t.max_steps // 6)
-    cfg.train.save_every = max(1, t.max_steps // 6)
-    cfg.train.sample_every = max(1, t.max_steps // 3)
     epochs = t.max_steps * t.batch_size * t.seq_len / train_tokens
     t0 = stage(f"3/5 pretrain: {t.max_steps} steps x {t.batch_size} x {t.seq_len} tokens "
                f"({epochs:.2f} epochs) on {device}" + (" (resuming)" if resume else ""))
     run_pretrain(cfg, resume=resume)
     print(f"({time.perf_counter() - t0:.0f}s)")
-    print("\nsamples (temperature 0.8, top-k 50, repetition penalty 1.1):")
+    samples = DECODING_DEFAULTS["samples"]
+    print(f"\nsamples ({describe(samples)}):")
     llm = load(run_dir, device=str(device))
     for i, prompt in enumerate(PROMPTS):
-        text = llm.generate(prompt, max_new_tokens=60, temperature=0.8, top_k=50,
-                            repetition_penalty=1.1, seed=i)
+        text = llm.generate(prompt, max_new_tokens=60, seed=i, **samples)
         print(f"{prompt}|{text}")
     greedy = llm.generate(PROMPTS[0], max_new_tokens=40, temperature=0)
     print(f"(greedy) {PROMPTS[0]}|{greedy}")
@@ -139,11 +137,10 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     run_demo_sft(run_dir, sft_dir, steps)
     print(f"({time.perf_counter() - t0:.0f}s)")
 
-    stage("5/5 chat (temperature 0.7, top-k 50, repetition penalty 1.1)")
+    stage(f"5/5 chat ({describe(DECODING_DEFAULTS['chat'])})")
     session = load(sft_dir, device=str(device)).chat_session()
     for i, text in enumerate(CONVERSATION):
-        answer = "".join(session.send(text, max_new_tokens=60, temperature=0.7, top_k=50,
-                                      repetition_penalty=1.1, seed=i))
+        answer = "".join(session.send(text, max_new_tokens=60, seed=i))  # chat's other defaults
         print(f"你> {text}\n助手> {answer.strip()}")
     print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes")
     print(f"pretrained run: {run_dir}  (loss.png, samples.txt, metrics.jsonl)")
@@ -152,19 +149,19 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"                babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")
 
 
-def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
-    from babyllama.config import read_run_config
-    from babyllama.train.sft import given_train_keys, run_sft, sft_config
+def describe(settings: dict) -> str:
+    """{"temperature": 0.7, "top_k": 50} -> "temperature 0.7, top-k 50" (max_new_tokens left out)."""
+    return ", ".join(f"{k.replace('top_', 'top-').replace('_', ' ')} {v:g}"
+                     for k, v in settings.items() if k != "max_new_tokens")
 
-    if (sft_dir / "resume" / "trainer.json").exists():
-        cfg = read_run_config(sft_dir)
-        cfg.out_dir = str(sft_dir)
+
+def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
+    sft_run = Run(sft_dir)
+    if sft_run.resume_dir() is not None:
         print("(resuming)")
-        run_sft(cfg, resume=True)
+        run_sft(resume_config(sft_run.config(), None, str(sft_dir)), resume=True)
         return
-    overrides = {"sft": {"sources": [SFT_DATA], "epochs": SFT_EPOCHS}}
+    overrides = {"sft": {"sources": [SFT_DATA], "epochs": SFT_EPOCHS}, "out_dir": str(sft_dir)}
     if steps:
         overrides["train"] = {"max_steps": steps}
-    cfg = sft_config(base, overrides)
-    cfg.out_dir = str(sft_dir)
-    run_sft(cfg, given=given_train_keys(overrides))
+    run_sft(sft_config(base, overrides))

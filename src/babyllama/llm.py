@@ -1,10 +1,10 @@
-"""`babyllama.load(path)`: a trained model with its tokenizer, ready to generate (seed 4's
-litgpt-style API).
+"""`babyllama.load(path)`: a trained model with its tokenizer, ready to generate (the API of
+litgpt's `LLM.load(...).generate(...)`).
 
     llm = babyllama.load("runs/demo/pretrain")
     llm.generate("中国", max_new_tokens=50, temperature=0.8, top_k=50)
     llm.generate(["中国", "今天"], temperature=0)            # one batch, greedy
-    llm.generate("中国", num_beams=3, length_penalty=1.0)     # beam search (seed 2)
+    llm.generate("中国", num_beams=3, length_penalty=1.0)     # beam search
     for piece in llm.stream("今天", stop=["。"]):
         print(piece, end="")
     llm.chat([{"role": "user", "content": "你好"}])       # a fine-tuned (SFT) run
@@ -22,75 +22,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from babyllama.config import read_run_config
+from babyllama.device import pick_device
 from babyllama.errors import UserError
 from babyllama.infer.chat import ChatSession, chat_text
-from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig, generation_config
+from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.engine import prepare_for_decoding
 from babyllama.infer.generate import Completion, complete, encode_prompt, stream
-from babyllama.model.llama import Llama, ModelConfig
-from babyllama.textfile import read_json_object
+from babyllama.model.llama import Llama
+from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
-from babyllama.train.checkpoint import load_weights
-from babyllama.train.distributed import pick_device
 
 if TYPE_CHECKING:
     from babyllama.eval.report import EvalResult
-
-HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range")
-
-
-def model_config_from_hf(path: Path) -> ModelConfig:
-    d = read_json_object(path, "config.json")
-    if d.get("model_type") != "llama":
-        raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if "rope_theta" not in d and "rope_theta" in rope:
-        d["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{path}: rope scaling {rope.get('rope_type')!r} is not supported")
-    return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
-
-
-def read_model_config(path: Path) -> ModelConfig:
-    """The model config of a run directory (config.yaml) or a transformers one (config.json)."""
-    if not path.exists():
-        raise UserError(f"{path}: no such run directory")
-    if (path / "config.yaml").exists():
-        return read_run_config(path).model
-    if (path / "config.json").exists():
-        return model_config_from_hf(path / "config.json")
-    raise UserError(f"{path}: not a run directory (no config.yaml) nor a transformers "
-                    "directory (no config.json)")
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """A run's tokenizer/ folder, or the tokenizer files of a transformers directory."""
-    return Tokenizer.load(path / "tokenizer" if (path / "tokenizer").exists() else path)
-
-
-def load_model(path: Path, config: ModelConfig) -> Llama:
-    """The run's weights: `model.safetensors`, or a LoRA run's adapter folded into its base
-    (merged once here, so generation costs what a plain model costs)."""
-    weights = path / "model.safetensors"
-    if weights.exists():
-        model = Llama(config)
-        load_weights(model, weights)
-        return model
-    if (path / "adapter_model.safetensors").exists():
-        from babyllama.lora import load_adapter, merge_lora
-
-        base = Path(read_run_config(path).sft.base)
-        if not (base / "model.safetensors").exists():
-            raise UserError(f"{path}: a LoRA adapter for the base run {base}, which has no "
-                            "model.safetensors (moved? edit sft.base in config.yaml)")
-        model = Llama(config)
-        load_weights(model, base / "model.safetensors")
-        return merge_lora(load_adapter(model, path))
-    raise UserError(f"{path}: no model.safetensors (has the run saved a checkpoint yet?)")
-
 
 class LLM:
     def __init__(self, model: Llama, tokenizer: Tokenizer, device: torch.device,
@@ -142,14 +85,14 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> "LLM":
-        path = Path(path)
-        config = read_model_config(path)
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, config)
+        run = Run(path)
+        config = run.model_config()
+        tokenizer = run.load_tokenizer()
+        model = run.load_model(config)
         dev = pick_device(device)
         model = model.to(dev)
         prepare_for_decoding(model)
-        return cls(model, tokenizer, dev, path)
+        return cls(model, tokenizer, dev, run.path)
 
     def generate(self, prompt: str | list[str], **settings) -> str | list[str] | list[list[str]]:
         """The continuation of `prompt`; a list of prompts is generated as one batch and gives a
@@ -158,7 +101,7 @@ class LLM:
         no_repeat_ngram_size, num_beams, length_penalty, early_stopping, num_return_sequences
         (> 1: a list of continuations per prompt), stop (strings), stop_token_ids, seed,
         truncate ("left" cuts a too-long prompt)."""
-        cfg = generation_config(settings)
+        cfg = decoding_defaults("plain", **settings)
         prompts = [prompt] if isinstance(prompt, str) else prompt
         done = self.complete(prompts, cfg)
         n = cfg.num_return_sequences
@@ -179,7 +122,7 @@ class LLM:
         """Yield the continuation piece by piece; a piece never ends inside a multi-byte
         character (byte-level tokens can split one across two tokens) nor shows part of a stop
         string. `settings`: as for `generate`."""
-        cfg = generation_config(settings)
+        cfg = decoding_defaults("plain", **settings)
         if not isinstance(prompt, str):
             raise UserError(f"the prompt must be a string, got {prompt!r:.80}")
         yield from stream(self.model, self.tokenizer, encode_prompt(self.tokenizer, prompt), cfg)
@@ -187,10 +130,10 @@ class LLM:
     def chat(self, messages: list[dict], document: str | None = None, **settings) -> str:
         """The assistant's answer to `messages` ([{"role": "system"|"user"|"assistant",
         "content": ...}], ending with the user's), rendered with the run's chat template;
-        `document` is a reference passage to answer about (seed 0's 资料). `settings`: as for
+        `document` is a reference passage to answer about (a 资料 passage, as in grounded-dialogue data). `settings`: as for
         `generate`, with chat defaults (max_new_tokens 200, temperature 0.7, top_k 50,
         repetition_penalty 1.1)."""
-        cfg = generation_config({**CHAT_DEFAULTS, **settings})
+        cfg = decoding_defaults("chat", **settings)
         return chat_text(self.model, self.tokenizer, messages, cfg, document=document)
 
     def evaluate(self, task: str, data: str, **options) -> "EvalResult":
@@ -198,10 +141,9 @@ class LLM:
         `babyllama eval` does; `options` are the task's fields (limit, shots, template, chat,
         generation={...}, ...). Prompts use the chat template by default for an SFT run.
         Returns the EvalResult (`.metrics`, `.table()`, `.examples`); nothing is written."""
-        from babyllama.eval.prompting import run_uses_chat
         from babyllama.eval.tasks import run_task, task_options
 
-        chat = run_uses_chat(self.path) if self.path is not None else False
+        chat = Run(self.path).chats() if self.path is not None else False
         name, opts = task_options({"task": task, "data": str(data), **options}, "evaluate",
                                   chat=chat)
         return run_task(name, self.model, self.tokenizer, opts)

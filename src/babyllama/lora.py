@@ -42,6 +42,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def is_adapter_model(model) -> bool:
+    """A peft-wrapped model: its checkpoints hold the adapter only (the base never changes)."""
+    return hasattr(model, "peft_config")
+
+
 @dataclass
 class LoraConfig:
     r: int = 8

@@ -9,26 +9,11 @@ few-shot examples), ending with the assistant's generation prompt.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 from tqdm.auto import tqdm
 
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.generate import Completion, complete, encode_prompt, end_ids, eval_mode
-from babyllama.textfile import read_text
 from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
-
-
-def run_uses_chat(run_dir: str | Path) -> bool:
-    """Auto choice of prompt style: chat for an SFT run (or a transformers directory whose
-    tokenizer has a chat template), plain text otherwise."""
-    path = Path(run_dir)
-    if (path / "config.yaml").exists():
-        from babyllama.config import read_run_config
-
-        return read_run_config(path).stage == "sft"
-    cfg = path / "tokenizer_config.json"
-    return cfg.exists() and '"chat_template"' in read_text(cfg)
 
 
 def prompt_ids(tokenizer, turns: list[tuple[str, str]], question: str, *, chat: bool,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from babyllama.atomic import atomic_write_text
+from babyllama.run import Run
 
 
 @dataclass
@@ -52,7 +53,7 @@ def default_name(task: str, data: str) -> str:
 
 def write_result(result: EvalResult, run_dir: str | Path, name: str | None = None) -> Path:
     """Write the result under `run_dir/eval/`; returns the Markdown file's path."""
-    out = Path(run_dir) / "eval"
+    out = Run(run_dir).eval_dir
     name = name or default_name(result.task, result.data)
     record = {"task": result.task, "data": result.data, "run": str(run_dir),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": result.metrics,

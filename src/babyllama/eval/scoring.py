@@ -69,7 +69,7 @@ def wide_float(device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def target_scores(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of the batch: summed negative log-likelihood (nats), number of scored
-    targets, and how many the argmax predicted (seed 0's next-token accuracy)."""
+    targets, and how many the argmax predicted (next-token accuracy, as small-model write-ups report it)."""
     mask = y != -100
     rows, positions = mask.nonzero(as_tuple=True)
     logp, hit = gathered_scores(model, x, rows, positions, y[rows, positions])

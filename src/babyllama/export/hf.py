@@ -78,14 +78,12 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = to
 def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
     """generation_config.json: our own defaults, so `model.generate(**inputs)` samples as
     `babyllama generate` (or `chat`, for an SFT run) does."""
-    from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig
+    from babyllama.infer.config import decoding_defaults
     from babyllama.tokenizer.chat_template import stop_token_ids
 
-    base = GenerationConfig()
-    settings = {"max_new_tokens": base.max_new_tokens, "temperature": base.temperature,
-                "top_k": base.top_k, "top_p": base.top_p, "repetition_penalty": base.repetition_penalty}
-    if chat:
-        settings.update(CHAT_DEFAULTS)
+    cfg = decoding_defaults("chat" if chat else "plain")
+    settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty}
     eos = list(stop_token_ids(tokenizer)) if chat else [tokenizer.eos_id]
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": tokenizer.pad_id, "do_sample": settings["temperature"] > 0, **settings}
@@ -95,8 +93,9 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
              chat: bool = False) -> list[str]:
     """The transformers directory `out` for `model` and `tokenizer` (weights in `dtype`).
     Returns warnings worth a line each (see `write_tokenizer_files`)."""
-    from babyllama.train.checkpoint import model_state
     from safetensors.torch import save_file
+
+    from babyllama.model.weights import model_state
 
     if dtype not in HF_DTYPES:
         raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
@@ -314,15 +313,14 @@ def _check_llama_config(path: Path) -> None:
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A run directory (config.yaml, model.safetensors in fp32, tokenizer/) from the
     transformers Llama directory `src`; `babyllama sft`, `eval`, `chat` and `export` take it."""
-    from babyllama.config import RunConfig, save_config
-    from babyllama.llm import model_config_from_hf
-    from babyllama.train.checkpoint import load_state, save_weights
+    from babyllama.config import RunConfig
+    from babyllama.model.weights import load_state
+    from babyllama.run import Run, model_config_from_hf
 
-    src, out = Path(src), Path(out)
+    src, run = Path(src), Run(out)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a transformers directory (no config.json)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not empty; choose another -o")
+    run.refuse_nonempty()
     _check_llama_config(src / "config.json")
     config = model_config_from_hf(src / "config.json")
     problems = config.problems()
@@ -336,9 +334,5 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     state = {k: v.float() for k, v in _hf_state(src).items()
              if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved the RoPE buffer
     load_state(model, state, src)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
-    tokenizer.save(out / "tokenizer")
-    run = RunConfig(model=config, out_dir=str(out), preset=f"imported from {src}")
-    save_config(run, out / "config.yaml")
-    return out
+    run.write_plain_run(model, tokenizer, RunConfig(model=config, preset=f"imported from {src}"))
+    return run.path

@@ -10,6 +10,7 @@ import torch
 
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
+from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
 
 
@@ -21,28 +22,19 @@ class ExportSource:
     chat: bool                # an SFT run: chat prompts are its normal input
 
 
-def is_adapter_run(path: Path) -> bool:
-    return (path / "adapter_model.safetensors").exists() and not (path / "model.safetensors").exists()
-
-
 def load_export_source(path: str | Path, merge: bool = False) -> ExportSource:
     """The run at `path` ready to export. A LoRA run holds only its adapter: the file the
     other tools open must hold the merged weights, so exporting one needs `merge=True`
     (merged in memory here) or a `babyllama merge-lora` run first."""
-    from babyllama.eval.prompting import run_uses_chat
-    from babyllama.llm import load_model, load_tokenizer, read_model_config
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such run directory")
-    if is_adapter_run(path) and not merge:
+    run = Run(path)
+    run.require_exists()
+    if run.is_lora() and not merge:
         raise UserError(f"{path}: a LoRA run (adapter only); add --merge to fold the adapter into "
                         f"its base while exporting, or run `babyllama merge-lora {path} -o "
                         f"{path}-merged` and export that")
-    config = read_model_config(path)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, config).float().eval()
+    tokenizer = run.load_tokenizer()
+    model = run.load_model().float().eval()
     with torch.no_grad():  # merged or loaded weights may be views; files need plain layout
         for p in model.parameters():
             p.data = p.data.contiguous()
-    return ExportSource(model, tokenizer, path, run_uses_chat(path))
+    return ExportSource(model, tokenizer, run.path, run.chats())

@@ -1,5 +1,5 @@
-"""Beam search, step for step the algorithm of transformers' `generate(num_beams=...)` (seeds 1
-and 2 decode with it), so the same weights give the same sequences (tests check it).
+"""Beam search, step for step the algorithm of transformers' `generate(num_beams=...)` (the beam
+search fine-tuning guides decode with), so the same weights give the same sequences (tests check it).
 
 Each step scores every (beam, token) continuation by its summed log-probability and keeps the
 best 2 x beams: those ending in a stop token (or at the length limit) are offered to the

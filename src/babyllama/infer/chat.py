@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from babyllama.errors import UserError
-from babyllama.infer.config import CHAT_DEFAULTS, GenerationConfig, generation_config
+from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.engine import prompt_budget
 from babyllama.infer.generate import eval_mode, stream
 from babyllama.tokenizer.chat_template import encode_chat, fit_chat, stop_token_ids
@@ -106,7 +106,7 @@ class ChatSession:
     def send(self, text: str, **sampling) -> Iterator[str]:
         """Stream the answer to `text` (`sampling`: GenerationConfig fields over the chat
         defaults); the exchange joins the history once it is complete."""
-        cfg = generation_config({**CHAT_DEFAULTS, **sampling})
+        cfg = decoding_defaults("chat", **sampling)
         pending = self.messages() + [{"role": "user", "content": text}]
         pieces = []
         with eval_mode(self.model):

@@ -1,5 +1,5 @@
 """Every decoding setting in one dataclass, with transformers' `GenerationConfig` semantics where
-it has the setting (seed 1 tuned decoding with it) and OpenAI's for the frequency and presence
+it has the setting (the semantics Chinese fine-tuning write-ups tune decoding with) and OpenAI's for the frequency and presence
 penalties. `temperature=0` means greedy; `num_beams > 1` means beam search.
 """
 
@@ -12,7 +12,7 @@ from babyllama.errors import UserError
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 100
     temperature: float = 0.8          # 0: greedy (argmax)
     top_k: int = 0                    # 0: off
     top_p: float = 1.0                # 1.0: off
@@ -87,9 +87,31 @@ class GenerationConfig:
 
 FIELDS = tuple(f.name for f in fields(GenerationConfig))
 
-# What a chat answer starts from (LLM.chat, ChatSession.send, `babyllama chat`): longer answers
-# and a mild repetition penalty, since small models loop.
-CHAT_DEFAULTS = dict(max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1)
+# The one table of decoding defaults: each use starts from GenerationConfig's defaults (the
+# "plain" row) with its row applied, and every caller (CLI, LLM, trainer, eval, demo, exports)
+# reads its row here.
+DECODING_DEFAULTS: dict[str, dict] = {
+    # Continuing text: `babyllama generate`, LLM.generate/stream, a base run's transformers export.
+    "plain": {},
+    # A chat answer: `babyllama chat`, LLM.chat, ChatSession, an SFT run's transformers export.
+    # Longer answers and a mild repetition penalty, since small models loop.
+    "chat": dict(max_new_tokens=200, temperature=0.7, top_k=50, repetition_penalty=1.1),
+    # Samples written during training and shown by the demo (length: train.sample_max_new_tokens).
+    "samples": dict(temperature=0.8, top_k=50, repetition_penalty=1.1),
+    # Evaluation answers are greedy: the score of a run, not of a sample, and reproducible.
+    # `generation` needs room for loops to show; 64 tokens hold any CSL / LCSTS summary.
+    "eval-generation": dict(max_new_tokens=128, temperature=0.0),
+    "eval-rouge": dict(max_new_tokens=64, temperature=0.0),
+}
+CHAT_DEFAULTS = DECODING_DEFAULTS["chat"]
+
+
+def decoding_defaults(kind: str, **settings) -> GenerationConfig:
+    """The defaults of `kind` (a DECODING_DEFAULTS row), with `settings` on top. Raises
+    UserError for an unknown kind or setting."""
+    if kind not in DECODING_DEFAULTS:
+        raise UserError(f"unknown decoding defaults {kind!r}; known: {', '.join(DECODING_DEFAULTS)}")
+    return generation_config({**DECODING_DEFAULTS[kind], **settings})
 
 
 def generation_config(settings: dict) -> GenerationConfig:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from babyllama.errors import UserError
+from babyllama.device import pick_device
 
 
 @dataclass
@@ -27,43 +27,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The device `name` names ("auto": CUDA, then MPS, then CPU).
-
-    Raises UserError (one line) for a name torch does not know, or a device this machine or
-    this torch build lacks, rather than failing later inside torch."""
-    if name != "auto":
-        return _check_device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if _mps_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
-            raise UserError(f"device {name!r}: CUDA is not available ({why}); use auto or cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r}: there are {torch.cuda.device_count()} GPU(s)")
-    elif device.type == "mps":
-        if not _mps_available():
-            raise UserError(f"device {name!r}: Apple's MPS is not available here; use auto or cpu")
-    elif device.type != "cpu":
-        raise UserError(f"device {name!r}: not supported (auto, cpu, cuda, cuda:N, mps)")
-    return device
 
 
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:

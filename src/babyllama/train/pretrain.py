@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from babyllama.config import RunConfig, check, save_config
+from babyllama.config import RunConfig, check, copy_config
 from babyllama.data.shards import TokenShards
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
+from babyllama.run import TOKENIZER, Run
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.batches import PretrainBatches, validation_windows
 from babyllama.train.distributed import cleanup, init_distributed
@@ -23,45 +24,45 @@ from babyllama.train.trainer import EvalSet, train
 def find_tokenizer(cfg: RunConfig) -> str:
     if cfg.tokenizer:
         return cfg.tokenizer
-    candidate = Path(cfg.data) / "tokenizer"
+    candidate = Path(cfg.data) / TOKENIZER  # `babyllama prepare` saves the tokenizer it used
     if candidate.exists():
         return str(candidate)
     raise UserError(f"{cfg.data}: no tokenizer/ next to the prepared data; pass --tokenizer PATH")
 
 
-def resolve_against_data(cfg: RunConfig, tokenizer: Tokenizer, shards: TokenShards) -> None:
-    """The model's vocabulary comes from the tokenizer; the data must have been made with it."""
+def check_against_data(cfg: RunConfig, tokenizer: Tokenizer, shards: TokenShards) -> None:
+    """The data must have been made with the tokenizer, and the context must hold a row."""
     if shards.vocab_size != tokenizer.vocab_size:
         raise UserError(f"{cfg.data}: prepared with a tokenizer of {shards.vocab_size} tokens, but "
                         f"the tokenizer has {tokenizer.vocab_size}; run `babyllama prepare` again")
-    cfg.model.vocab_size = tokenizer.vocab_size
     if cfg.train.seq_len > cfg.model.max_position_embeddings:
         raise UserError(f"config: train.seq_len ({cfg.train.seq_len}) is longer than "
                         f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
 
 
 def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
+    """Pretrain `cfg.model` on the shards in `cfg.data` into the run directory `cfg.out_dir`;
+    returns it. `cfg` is not changed: the saved config has absolute paths and the model's
+    vocabulary taken from the tokenizer."""
     if not cfg.data:
         raise UserError("no data: pass --data DIR (a directory made by `babyllama prepare`)")
-    run_dir = Path(cfg.out_dir)
-    if not resume and (run_dir / "resume").exists():
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
-                        "another --out")
+    run = Run(cfg.out_dir)
+    if not resume:
+        run.refuse_overwrite()
     check(cfg)
     # Saved absolute, so `--resume` works from any working directory.
-    cfg.data = str(Path(cfg.data).resolve())
-    if cfg.tokenizer:
-        cfg.tokenizer = str(Path(cfg.tokenizer).resolve())
+    cfg = copy_config(cfg, data=str(Path(cfg.data).resolve()),
+                      tokenizer=str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "")
     info, device = init_distributed(cfg.train.device)
     try:
         tokenizer = Tokenizer.load(find_tokenizer(cfg))
         shards = TokenShards(cfg.data, "train")
-        resolve_against_data(cfg, tokenizer, shards)
+        cfg.model.vocab_size = tokenizer.vocab_size  # the model's vocabulary is the tokenizer's
+        check_against_data(cfg, tokenizer, shards)
         if info.is_main:
             print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            tokenizer.save(run_dir / "tokenizer")
+            run.write_config(cfg)
+            run.write_tokenizer(tokenizer)
 
         torch.manual_seed(cfg.train.seed)
         model = Llama(cfg.model)
@@ -82,7 +83,7 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
             eval_set = EvalSet.from_windows(windows, t.batch_size, tokenizer)
         if eval_set is None and info.is_main:
             print("note: no usable validation split; periodic evaluation is off")
-        train(cfg, model, tokenizer, train_data, eval_set, run_dir, device, info, resume=resume)
+        train(cfg, model, tokenizer, train_data, eval_set, run.path, device, info, resume=resume)
     finally:
         cleanup(info)
-    return run_dir
+    return run.path

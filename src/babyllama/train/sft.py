@@ -1,7 +1,7 @@
 """Supervised fine-tuning: a pretrained run + conversations in, a chat run directory out.
 
-The same trainer loop as pretraining (seed 4: "SFT is pretraining with the prompt masked out
-of the loss"); only the data differs: conversations rendered with a chat template, targets on
+The same trainer loop as pretraining (SFT is pretraining with the prompt masked out of the
+loss); only the data differs: conversations rendered with a chat template, targets on
 the assistant tokens, packed or padded batches, and optional replay of pretraining text.
 """
 
@@ -13,17 +13,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from babyllama.config import RunConfig, TrainConfig, check, read_run_config, save_config
+from babyllama.config import RunConfig, check, derive_schedule, resolve_config
 from babyllama.data.readers import BadRecords
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
+from babyllama.model.weights import load_weights
+from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
-from babyllama.train.checkpoint import load_weights
 from babyllama.train.distributed import cleanup, init_distributed
 from babyllama.train.trainer import EvalSet, train
-
-# Fixed chat prompts for the samples written during SFT (one per domain the demo data covers).
-SFT_SAMPLE_PROMPTS = ["你好，你是谁？", "你喜欢什么书？", "给我讲个笑话吧。"]
 
 
 def parse_source(spec: str) -> tuple[str, float]:
@@ -47,40 +45,14 @@ def absolute_source(spec: str) -> str:
     return str(Path(path).resolve()) + (f"@{weight:g}" if "@" in spec else "")
 
 
-def given_train_keys(overrides: dict | None) -> set[str]:
-    """The train.* keys a user set: data-derived SFT defaults must not replace them."""
-    train = (overrides or {}).get("train")
-    return set(train) if isinstance(train, dict) else set()
-
-
-def sft_config(base: str | Path, overrides: dict | None = None) -> RunConfig:
-    """The SFT run's config: the base run's model, its train settings with SFT defaults, then
-    the user's overrides. Values the user sets win over every default derived here."""
-    from babyllama.config import apply_values
-
+def sft_config(base: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
+    """The config of fine-tuning the run at `base`: its config -> SFT defaults -> `overrides`
+    (see `config.resolve_config`); data sources are made absolute so `--resume` works from
+    any working directory."""
     base = Path(base)
-    base_cfg = read_run_config(base)
-    cfg = RunConfig(model=base_cfg.model, stage="sft", preset=base_cfg.preset)
-    b = base_cfg.train
-    # Keep what describes the hardware and the optimiser; fine-tuning gets its own length,
-    # learning rate and intervals.
-    cfg.train = TrainConfig(batch_size=b.batch_size, grad_accum=b.grad_accum, precision=b.precision,
-                            optimizer=b.optimizer, betas=b.betas, device=b.device, compile=b.compile,
-                            activation_checkpointing=b.activation_checkpointing, seed=b.seed,
-                            seq_len=base_cfg.model.max_position_embeddings,
-                            # Half the pretraining peak: enough to learn the chat format in a
-                            # few epochs on a small model without wrecking what it knows.
-                            lr=b.lr * 0.5, weight_decay=0.0, warmup_steps=0,
-                            sample_prompts=list(SFT_SAMPLE_PROMPTS))
-    cfg.sft.base = str(base.resolve())
-    if overrides:
-        apply_values(cfg, overrides)
-    if cfg.lora.enabled and "lr" not in given_train_keys(overrides):
-        # Adapters start at zero and have few parameters: LoRA is usually run at several
-        # times the full fine-tuning rate (Hu et al. 2021; QLoRA); the base's peak is 2x ours.
-        cfg.train.lr = b.lr
+    cfg = resolve_config("sft", base=Run(base).config(), base_dir=str(base.resolve()),
+                         overrides=overrides)
     cfg.sft.sources = [absolute_source(s) for s in cfg.sft.sources]
-    check(cfg)
     return cfg
 
 
@@ -128,7 +100,7 @@ def replay_source(cfg: RunConfig, tokenizer: Tokenizer):
         return None
     data = s.replay_data
     if data in ("", "base"):
-        data = read_run_config(Path(s.base)).data
+        data = Run(s.base).config().data
         if not data:
             raise UserError(f"{s.base}: the base run names no data to replay; set sft.replay_data=DIR")
     shards = TokenShards(data, "train")
@@ -149,7 +121,7 @@ def eval_set_for(examples, batch_size: int, tokenizer) -> EvalSet | None:
     return EvalSet(batches, sum(map(len, texts)), sum(len(t.encode("utf-8")) for t in texts))
 
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
@@ -158,7 +130,7 @@ def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
 
     if cfg.lora.qlora:
         model.to(device)  # bitsandbytes quantizes on the device the weights are on
-        quantize_base(model, COMPUTE_DTYPES[cfg.lora.compute_dtype])
+        quantize_base(model, TORCH_DTYPES[cfg.lora.compute_dtype])
     model = apply_lora(model, cfg.lora)
     if verbose:
         trainable, total = trainable_counts(model)
@@ -168,29 +140,26 @@ def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
     return model
 
 
-def run_sft(cfg: RunConfig, resume: bool = False, given: set[str] = frozenset()) -> Path:
-    """Fine-tune `cfg.sft.base` on `cfg.sft.sources`. `given`: train.* keys the user set, which
-    the data-derived defaults (steps, intervals) must not replace."""
+def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
+    """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
+    follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
     from babyllama.data.sft import SFTBatches, build_examples
     from babyllama.infer.chat import chat_sample
     from babyllama.tokenizer.chat_template import resolve_template
 
-    run_dir = Path(cfg.out_dir)
-    if not resume and (run_dir / "resume").exists():
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
-                        "another --out")
+    run = Run(cfg.out_dir)
+    if not resume:
+        run.refuse_overwrite()
     check(cfg)
-    base = Path(cfg.sft.base)
-    for need in ("config.yaml", "model.safetensors", "tokenizer"):
-        if not (base / need).exists():
-            raise UserError(f"{base}: not a trained run directory (no {need})")
+    base = Run(cfg.sft.base)
+    base.require_trained()
     t = cfg.train
     if t.seq_len > cfg.model.max_position_embeddings:
         raise UserError(f"config: train.seq_len ({t.seq_len}) is longer than "
                         f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
     info, device = init_distributed(t.device)
     try:
-        tokenizer = Tokenizer.load(base / "tokenizer")
+        tokenizer = base.load_tokenizer()
         tokenizer.chat_template = resolve_template(cfg.sft.template)
 
         bad = BadRecords()
@@ -206,15 +175,9 @@ def run_sft(cfg: RunConfig, resume: bool = False, given: set[str] = frozenset())
                              replay=replay, replay_ratio=cfg.sft.replay_ratio)
         n_tokens = sum(len(e.ids) for e in train_ex)
         if not resume:
-            if "max_steps" not in given:
-                t.max_steps = steps_for(cfg, batches, n_tokens)
-            for key, parts in (("eval_every", 5), ("save_every", 5), ("sample_every", 2)):
-                if key not in given:
-                    setattr(t, key, max(1, t.max_steps // parts))
-            if "warmup_steps" not in given:
-                t.warmup_steps = min(100, t.max_steps // 20)
-            if "log_every" not in given:
-                t.log_every = max(1, min(10, t.max_steps // 50))
+            cfg = derive_schedule(cfg, steps_for(cfg, batches, n_tokens), evals=5, saves=5,
+                                  samples=2, warmup_divisor=20, warmup_cap=100, logs=50)
+        t = cfg.train
         if info.is_main:
             print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
             for line in lines:
@@ -226,23 +189,22 @@ def run_sft(cfg: RunConfig, resume: bool = False, given: set[str] = frozenset())
             print(f"train: {len(train_ex):,} examples, {n_tokens:,} tokens ({targets:,} trained), "
                   f"{batches.batches_per_epoch:,} {'packed' if cfg.sft.mode == 'pack' else 'padded'} batches per epoch; "
                   f"val: {len(val_ex):,} examples -> {t.max_steps} steps")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            tokenizer.save(run_dir / "tokenizer")
+            run.write_config(cfg)
+            run.write_tokenizer(tokenizer)
 
         # Seeded: LoRA's A matrices (and dropout) draw from the global RNG, so a run repeats exactly.
         torch.manual_seed(t.seed)
         model = Llama(cfg.model)
-        load_weights(model, base / "model.safetensors")
+        load_weights(model, base.weights_file)
         if info.is_main:
-            shown = os.path.relpath(base) if base.is_relative_to(Path.cwd()) else base  # short in logs
+            shown = os.path.relpath(base.path) if base.path.is_relative_to(Path.cwd()) else base.path
             print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {shown} "
                   f"on {device}, {info.world_size} process(es)")
         if cfg.lora.enabled:
             model = with_lora(model, cfg, device, info.is_main)
         eval_set = eval_set_for(val_ex, t.batch_size, tokenizer)
-        train(cfg, model, tokenizer, batches, eval_set, run_dir, device, info, resume=resume,
+        train(cfg, model, tokenizer, batches, eval_set, run.path, device, info, resume=resume,
               sample_fn=chat_sample)
     finally:
         cleanup(info)
-    return run_dir
+    return run.path

@@ -1,0 +1,309 @@
+"""The run directory: the only code that knows its layout.
+
+Every stage writes one, and every command that reads a model reads one:
+
+    RUN/
+      config.yaml                 the resolved RunConfig: stage, model, train, data, sft.base, lora
+      model.safetensors           the weights (pretraining, full SFT, merged or imported runs)
+      adapter_config.json         a LoRA run: peft's adapter config and tensors, in peft's own
+      adapter_model.safetensors     layout; the base they apply to is config.yaml's sft.base
+      tokenizer/                  the tokenizer, with the chat template of a fine-tuned run
+      resume/                     the exact state to continue from (weights or adapter,
+                                    optimizer.pt, trainer.json written last)
+      metrics.jsonl  loss.png  samples.txt     what training logged
+      eval/NAME.md  NAME.json  NAME.examples.jsonl   evaluation results
+
+A transformers directory (config.json + model.safetensors + tokenizer files) opens read-only
+through the same type, so every command that loads a run also loads one.
+
+`resume/` is replaced atomically: the new state goes to `resume.tmp/`, then the old directory
+is moved aside and the new one renamed into place. A run killed at any instant leaves either
+the old or the new complete state (`resume_dir` also looks at the moment between the renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from babyllama.atomic import atomic_path, atomic_write_text
+from babyllama.config import RunConfig, config_from_dict, read_yaml, save_config
+from babyllama.errors import UserError
+from babyllama.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model
+from babyllama.model.llama import Llama, ModelConfig
+from babyllama.model.weights import load_weights, read_weights, save_weights
+from babyllama.textfile import read_json, read_json_object, read_text
+from babyllama.tokenizer import Tokenizer
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer"
+RESUME = "resume"
+OPTIMIZER_STATE = "optimizer.pt"
+TRAINER_STATE = "trainer.json"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+SAMPLES = "samples.txt"
+EVAL = "eval"
+HF_CONFIG = "config.json"  # a transformers directory
+# The files that hold a run's own weights (a LoRA run's are its adapter's).
+WEIGHT_FILES = (WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+
+# transformers' LlamaConfig fields that map one to one onto ours.
+HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                  "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range")
+
+
+def model_config_from_hf(path: Path) -> ModelConfig:
+    """Our ModelConfig from a transformers Llama `config.json`. Raises UserError for another
+    model type or a RoPE scaling we do not implement."""
+    d = read_json_object(path, HF_CONFIG)
+    if d.get("model_type") != "llama":
+        raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if "rope_theta" not in d and "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"{path}: rope scaling {rope.get('rope_type')!r} is not supported")
+    return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
+
+
+class Run:
+    """A run directory (or a transformers directory, read-only) at `path`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- where things are -------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def adapter_weights_file(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def loss_plot_file(self) -> Path:
+        return self.path / LOSS_PLOT
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL
+
+    # -- what kind of run it is -------------------------------------------------------------
+    def is_run(self) -> bool:
+        """A babyllama run directory (it has config.yaml)."""
+        return self.config_file.exists()
+
+    def is_transformers(self) -> bool:
+        """A transformers directory (config.json, no config.yaml)."""
+        return not self.is_run() and (self.path / HF_CONFIG).exists()
+
+    def has_weights(self) -> bool:
+        return self.weights_file.exists()
+
+    def is_lora(self) -> bool:
+        """A LoRA run: its own weights are an adapter over the base run in sft.base."""
+        return self.adapter_weights_file.exists() and not self.has_weights()
+
+    def has_adapter(self) -> bool:
+        return self.adapter_weights_file.exists()
+
+    def is_trained(self) -> bool:
+        """Config, weights and tokenizer all present: a run another stage can start from."""
+        return self.is_run() and self.has_weights() and self.tokenizer_dir.exists()
+
+    def require_trained(self) -> None:
+        for path in (self.config_file, self.weights_file, self.tokenizer_dir):
+            if not path.exists():
+                raise UserError(f"{self.path}: not a trained run directory (no {path.name})")
+
+    def has_started(self) -> bool:
+        """Training has written resume state here (a new run must not overwrite it)."""
+        return (self.path / RESUME).exists()
+
+    def refuse_overwrite(self) -> None:
+        """Raise UserError if a run already lives here (pass --resume to continue it)."""
+        if self.has_started():
+            raise UserError(f"{self.path}: already holds a run; pass --resume to continue it or "
+                            "choose another --out")
+
+    def refuse_nonempty(self) -> None:
+        """Raise UserError if the directory exists with anything in it (a new whole run is
+        written here, never mixed into another)."""
+        if self.path.exists() and any(self.path.iterdir()):
+            raise UserError(f"{self.path}: exists and is not empty; choose another -o")
+
+    def chats(self) -> bool:
+        """Whether prompts go through the chat template by default: a fine-tuned (SFT) run, or
+        a transformers directory whose tokenizer has a chat template."""
+        if self.is_run():
+            return self.config().stage == "sft"
+        tok_cfg = self.path / "tokenizer_config.json"
+        return tok_cfg.exists() and '"chat_template"' in read_text(tok_cfg)
+
+    # -- reading ----------------------------------------------------------------------------
+    def require_exists(self) -> None:
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: no such run directory")
+
+    def config(self) -> RunConfig:
+        """The saved RunConfig. Raises UserError if there is none or it does not validate."""
+        if not self.config_file.exists():
+            raise UserError(f"{self.path}: not a run directory (no {CONFIG})")
+        return config_from_dict(read_yaml(self.config_file), str(self.config_file))
+
+    def model_config(self) -> ModelConfig:
+        """The model config of a run (config.yaml) or a transformers directory (config.json)."""
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such run directory")
+        if self.is_run():
+            return self.config().model
+        if self.is_transformers():
+            return model_config_from_hf(self.path / HF_CONFIG)
+        raise UserError(f"{self.path}: not a run directory (no {CONFIG}) nor a transformers "
+                        f"directory (no {HF_CONFIG})")
+
+    def base(self) -> "Run | None":
+        """The run a fine-tuned run started from (sft.base), or None."""
+        if not self.is_run():
+            return None
+        base = self.config().sft.base
+        return Run(base) if base else None
+
+    def load_tokenizer(self) -> Tokenizer:
+        """The run's tokenizer/, or the tokenizer files of a transformers directory."""
+        return Tokenizer.load(self.tokenizer_dir if self.tokenizer_dir.exists() else self.path)
+
+    def load_model(self, config: ModelConfig | None = None) -> Llama:
+        """The run's model: `model.safetensors`, or a LoRA run's adapter folded into its base
+        (merged once here, so generation costs what a plain model costs)."""
+        config = config or self.model_config()
+        if self.has_weights():
+            model = Llama(config)
+            load_weights(model, self.weights_file)
+            return model
+        if self.has_adapter():
+            from babyllama.lora import load_adapter, merge_lora
+
+            base = self.base()
+            if base is None or not base.has_weights():
+                raise UserError(f"{self.path}: a LoRA adapter for the base run {base}, which has "
+                                f"no {WEIGHTS} (moved? edit sft.base in {CONFIG})")
+            model = Llama(config)
+            load_weights(model, base.weights_file)
+            return merge_lora(load_adapter(model, self.path))
+        raise UserError(f"{self.path}: no {WEIGHTS} (has the run saved a checkpoint yet?)")
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_file)
+
+    def write_tokenizer(self, tokenizer: Tokenizer) -> None:
+        tokenizer.save(self.tokenizer_dir)
+
+    def write_weights(self, model: torch.nn.Module) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_weights(model, self.weights_file)
+
+    def write_plain_run(self, model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig) -> None:
+        """A complete run of plain weights (merged from LoRA, imported): weights, tokenizer,
+        then config.yaml with LoRA turned off and out_dir pointing here."""
+        self.write_weights(model)
+        self.write_tokenizer(tokenizer)
+        plain = config_from_dict(cfg.to_dict(), "config")
+        plain.lora.enabled = plain.lora.qlora = False
+        plain.out_dir = str(self.path)
+        self.write_config(plain)
+
+    # -- resume state -----------------------------------------------------------------------
+    def resume_dir(self) -> Path | None:
+        """The complete resume state to continue from, or None if there is none yet."""
+        for name in (RESUME, f"{RESUME}.old"):
+            d = self.path / name
+            if (d / TRAINER_STATE).exists():
+                return d
+        return None
+
+    def save_resume(self, model, optimizer_state: dict, trainer_state: dict) -> None:
+        """Replace resume/ atomically with the model's weights (a peft model: its adapter),
+        `optimizer_state` (torch.save'd: optimizer, scaler, RNG states) and `trainer_state`
+        (JSON: step, data position, ...; written last, its presence marks the state complete)."""
+        tmp, final, old = self.path / f"{RESUME}.tmp", self.path / RESUME, self.path / f"{RESUME}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if is_adapter_model(model):
+            from babyllama.lora import save_adapter
+
+            save_adapter(model, tmp, trainer_state.get("base"))
+        else:
+            save_weights(model, tmp / WEIGHTS)
+        with atomic_path(tmp / OPTIMIZER_STATE) as p:
+            torch.save(optimizer_state, p)
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_resume(self, model, resume_dir: Path) -> tuple[dict, dict]:
+        """Load resume_dir's weights (or adapter) into `model`; returns (optimizer_state,
+        trainer_state). `torch.load(weights_only=True)` accepts only tensors and plain
+        containers: nothing is unpickled as arbitrary objects."""
+        if is_adapter_model(model):
+            from peft import set_peft_model_state_dict
+
+            weights = resume_dir / ADAPTER_WEIGHTS
+            if not weights.exists():
+                raise UserError(f"{resume_dir}: holds no adapter; this run was not started with LoRA")
+            set_peft_model_state_dict(model, read_weights(weights))
+        else:
+            load_weights(model, resume_dir / WEIGHTS)
+        optimizer_state = torch.load(resume_dir / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+        return optimizer_state, read_json(resume_dir / TRAINER_STATE)
+
+    def publish_weights(self) -> None:
+        """Make the latest resume weights (`model.safetensors`, or a LoRA run's adapter files)
+        the run's own without serialising them a second time: a hard link (safe because files
+        here are only ever replaced, never modified in place), or a copy where there are no
+        hard links."""
+        for name in WEIGHT_FILES:
+            source = self.path / RESUME / name
+            if not source.exists():
+                continue
+            with atomic_path(self.path / name) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)

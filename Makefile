@@ -34,6 +34,7 @@ demo: $(VENV)/.installed
 	$(BIN)/babyllama demo
 
 test: $(VENV)/.installed-llamacpp
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.installed

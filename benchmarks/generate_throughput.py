@@ -100,12 +100,12 @@ def measure(preset: str, new_tokens: int, rounds: int) -> dict:
             "ours-plain": lambda p: ours_generate(model, p, new_tokens),
             "hf": lambda p: hf_generate(hf, p, new_tokens)}
     times = {(name, b): [] for name in runs for b in (1, 16)}
-    for name, fn in runs.items():  # warm-up
+    for fn in runs.values():  # warm-up
         fn(one)
     for _ in range(rounds):
         for batch, prompts in ((1, one), (16, sixteen)):
             for name, fn in runs.items():
-                times[(name, batch)].append(timed(lambda: fn(prompts)))
+                times[(name, batch)].append(timed(lambda fn=fn, ps=prompts: fn(ps)))
     rates = {key: key[1] * new_tokens / statistics.median(ts) for key, ts in times.items()}
     rates["bound"] = weights_only_rate(fast)
     return rates

@@ -14,7 +14,7 @@ import torch
 from babyllama.errors import UserError
 from babyllama.eval.choice import (ChoiceOptions, fitted_requests, load_exam, requests,
                                    run_choice)
-from babyllama.eval.prompting import prompt_ids
+from babyllama.eval.prompting import question_prompt_ids
 from babyllama.model.llama import Llama
 
 from conftest import SHARED_DATA, hf_twin
@@ -147,11 +147,11 @@ def test_chat_prompt_has_header_in_first_user_turn_and_shots_as_turns(tiny_token
     q, shot = exam.questions["agronomy"][0], exam.shots["agronomy"][0]
     shot_block = "题目：玉米原产于\nA. 美洲\nB. 亚洲\nC. 欧洲\nD. 非洲\n答案是："
     q_block = "题目：水稻属于哪一类作物\nA. 粮食作物\nB. 经济作物\nC. 油料作物\nD. 饲料作物\n答案是："
-    prompt = prompt_ids(tiny_tokenizer, [(HEADER + shot_block, "A")], q_block, chat=True)
+    prompt = question_prompt_ids(tiny_tokenizer, [(HEADER + shot_block, "A")], q_block, chat=True)
     reqs = requests(tiny_tokenizer, q, [shot], "农学", cloze=False, chat=True)
     assert reqs == [(prompt, tiny_tokenizer.encode(letter)[:1]) for letter in "ABCD"]
     zero = requests(tiny_tokenizer, q, [], "农学", cloze=True, chat=True)
-    assert zero[1] == (prompt_ids(tiny_tokenizer, [], HEADER.replace("的选项", "")
+    assert zero[1] == (question_prompt_ids(tiny_tokenizer, [], HEADER.replace("的选项", "")
                                   + "题目：水稻属于哪一类作物\n答案是：", chat=True),
                        tiny_tokenizer.encode("经济作物"))
     opts = ChoiceOptions(str(exam.path), shots=1, chat=True, progress=False)

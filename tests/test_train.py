@@ -279,3 +279,12 @@ def test_resume_works_from_another_working_directory(tiny_data, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     records = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_log_every_zero_is_refused_before_training():
+    """The loop logs every `log_every` steps: 0 would divide by zero mid-run, so it is a
+    config error that names the key."""
+    from babyllama.errors import UserError
+
+    with pytest.raises(UserError, match="train.log_every must be positive"):
+        load_config("demo-cpu", ["train.log_every=0"])

@@ -67,11 +67,11 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) <= 0:
                 out.append(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "sample_every", "save_every", "eval_batches",
-                     "weight_decay", "grad_clip", "log_every"):
+                     "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -24,10 +24,12 @@ import torch
 
 from babyllama.device import pick_device
 from babyllama.errors import UserError
+from babyllama.eval.tasks import run_task, task_options
 from babyllama.infer.chat import ChatSession, chat_text
 from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.engine import prepare_for_decoding
 from babyllama.infer.generate import Completion, complete, encode_prompt, stream
+from babyllama.lora import load_adapter, read_adapter_config
 from babyllama.model.llama import Llama
 from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
@@ -52,8 +54,6 @@ class LLM:
     def add_adapter(self, path: str | Path, name: str | None = None) -> str:
         """Load a LoRA run's adapter onto this model under `name` (default: the folder's name)
         and switch to it. The loaded model is the base: load the base run, then its adapters."""
-        from babyllama.lora import load_adapter, read_adapter_config
-
         path = Path(path)
         name = name or path.name
         if name in self.adapters:
@@ -141,8 +141,6 @@ class LLM:
         `babyllama eval` does; `options` are the task's fields (limit, shots, template, chat,
         generation={...}, ...). Prompts use the chat template by default for an SFT run.
         Returns the EvalResult (`.metrics`, `.table()`, `.examples`); nothing is written."""
-        from babyllama.eval.tasks import run_task, task_options
-
         chat = Run(self.path).chats() if self.path is not None else False
         name, opts = task_options({"task": task, "data": str(data), **options}, "evaluate",
                                   chat=chat)

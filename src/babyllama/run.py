@@ -33,7 +33,8 @@ import torch
 from babyllama.atomic import atomic_path, atomic_write_text
 from babyllama.config import RunConfig, config_from_dict, read_yaml, save_config
 from babyllama.errors import UserError
-from babyllama.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model
+from babyllama.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model, load_adapter,
+                            merge_lora, save_adapter)
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.model.weights import load_weights, read_weights, save_weights
 from babyllama.textfile import read_json, read_json_object, read_text
@@ -212,8 +213,6 @@ class Run:
             load_weights(model, self.weights_file)
             return model
         if self.has_adapter():
-            from babyllama.lora import load_adapter, merge_lora
-
             base = self.base()
             if base is None or not base.has_weights():
                 raise UserError(f"{self.path}: a LoRA adapter for the base run {base}, which has "
@@ -262,8 +261,6 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if is_adapter_model(model):
-            from babyllama.lora import save_adapter
-
             save_adapter(model, tmp, trainer_state.get("base"))
         else:
             save_weights(model, tmp / WEIGHTS)

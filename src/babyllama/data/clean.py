@@ -46,6 +46,11 @@ import numpy as np
 from babyllama.atomic import replace_dir
 from babyllama.batching import batched_by_size
 from babyllama.data import clean_text as ct
+from babyllama.data.dedup import (ExactDedup, MinHashConfig, NearDupIndex, band_keys, exact_key,
+                                  minhash_signature, shingle_hashes)
+from babyllama.data.encoding import TextFile
+from babyllama.data.readers import BadRecords, READERS_BY_SUFFIX, iter_documents
+from babyllama.data.wikitext import iter_wiki_pages, wikitext_to_text
 from babyllama.errors import UserError
 
 STEPS = ("wiki", "html", "normalize", "simplify", "spaces", "mask")
@@ -84,8 +89,6 @@ class CleanConfig:
                                max_junk_ratio=self.max_junk_ratio)
 
     def minhash(self):
-        from babyllama.data.dedup import MinHashConfig
-
         return MinHashConfig(num_perm=self.num_perm, bands=self.bands, ngram=self.ngram)
 
     def check(self) -> None:
@@ -151,16 +154,12 @@ Doc = tuple[str, str, dict | None]
 def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterator[Doc]:
     """A `Doc` for every document of every file; unreadable files and records are skipped and
     counted in `stats`, never raised."""
-    from babyllama.data.readers import READERS_BY_SUFFIX, BadRecords, iter_documents
-
     bad = BadRecords()  # over all files, so the report gives each reason's total
     for path in files:
         stats.files += 1
         stats.bytes += path.stat().st_size
         kind = _suffix(path)
         if kind in WIKI_SUFFIXES:
-            from babyllama.data.wikitext import iter_wiki_pages
-
             try:
                 for page in iter_wiki_pages(path):
                     stats.documents += 1
@@ -182,8 +181,6 @@ def iter_inputs(files: list[Path], text_field: str, stats: InputStats) -> Iterat
 
 def _iter_text_file(path: Path, stats: InputStats) -> Iterator[Doc]:
     """A plain text file in any encoding, one document per non-empty line."""
-    from babyllama.data.encoding import TextFile
-
     f = TextFile(path)
     if f.skipped:
         stats.skipped_files.append(f"{path}: {f.skipped}")
@@ -225,8 +222,6 @@ def _worker_clean(batch: list[Doc]) -> BatchResult:
 
 def _transforms(cfg: CleanConfig):
     """(step name, function) in order, for the steps this config turns on."""
-    from babyllama.data.wikitext import wikitext_to_text
-
     steps = [("wiki", wikitext_to_text)]
     if cfg.html:
         steps.append(("html", lambda t: ct.strip_html(t) if "<" in t else t))
@@ -240,8 +235,6 @@ def _transforms(cfg: CleanConfig):
 
 def clean_batch(batch: list[Doc], cfg: CleanConfig) -> BatchResult:
     """Transform and filter a batch; signatures for the survivors."""
-    from babyllama.data.dedup import band_keys, exact_key, minhash_signature, shingle_hashes
-
     filters, mh = cfg.filters(), cfg.minhash() if cfg.near_dedup else None
     steps = _transforms(cfg)
     out = BatchResult([], Counter(), Counter(), {})
@@ -368,8 +361,6 @@ def clean(inputs: list[str | Path], out_dir: str | Path, cfg: CleanConfig | None
 
 
 def _clean_into(tmp: Path, files: list[Path], cfg: CleanConfig, progress: bool) -> dict:
-    from babyllama.data.dedup import ExactDedup, NearDupIndex
-
     started = time.perf_counter()
     stats = InputStats()
     changed, removed, examples = Counter(), Counter(), {}

@@ -72,10 +72,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from babyllama.data import sft_augment
+from babyllama.data.builtin import BUILTIN_CONVERSATIONS, chatterbot_files
 from babyllama.data.readers import BUILTIN_PREFIX
 from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
                                     id_records, json_or_lines, json_type, jsonl_records,
-                                    keyed_by_id, lcsts_records, lines, tsv_rows,
+                                    keyed_by_id, lcsts_records, lines, load_json, tsv_rows,
                                     yaml_item_lines, yaml_value)
 from babyllama.errors import UserError
 
@@ -213,8 +214,6 @@ def detect_format(path) -> str:
 # Files and records
 
 def _builtin_files(source: str) -> list[Path]:
-    from babyllama.data.builtin import BUILTIN_CONVERSATIONS, chatterbot_files
-
     name = source[len(BUILTIN_PREFIX):]
     if name == "chatterbot-zh":
         return chatterbot_files(source, "chinese")
@@ -320,8 +319,6 @@ def _json_records(path: Path, split: str | None) -> Iterator[Record]:
 
 
 def _load_split_file(path: Path):
-    from babyllama.data.records import load_json
-
     return load_json(path)
 
 
@@ -364,15 +361,20 @@ def _yml_records(path: Path, split: str | None) -> Iterator[Record]:
             yield Record(f"{path}:{line}", record, line, line)
 
 
-def _csv_records(path: Path) -> Iterator[Record]:
-    # A row is named by the line it starts on, one after the previous row ended.
-    header = None
-    for record in csv_rows(path):
+def _keyed_rows(rows: Iterator[Record], is_header: Callable[[list[str]], bool]) -> Iterator[Record]:
+    """Rows as {column: value} under a header: the first readable row when `is_header(row)`
+    says so; without one, rows pass through as lists. A row whose width differs from the
+    header's becomes an Unreadable."""
+    header, first = None, True
+    for record in rows:
         row = record.value
         if isinstance(row, Unreadable):
             yield record
-        elif header is None:
+            continue
+        if first and is_header(row):
             header = [name.strip().lower() for name in row]
+        elif header is None:
+            yield record
         elif len(row) != len(header):
             record.value = Unreadable(f"row has {len(row)} fields, the header has "
                                       f"{len(header)}", "row width differs from the header")
@@ -380,27 +382,17 @@ def _csv_records(path: Path) -> Iterator[Record]:
         else:
             record.value = dict(zip(header, row))
             yield record
+        first = False
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
+    # A CSV's first row is its header; a row is named by the line it starts on.
+    return _keyed_rows(csv_rows(path), lambda row: True)
 
 
 def _tsv_records(path: Path) -> Iterator[Record]:
-    header, first = None, True
-    for record in tsv_rows(path):
-        fields = record.value
-        if isinstance(fields, Unreadable):
-            yield record
-            continue
-        if first and all(f.strip().lower() in _COLUMN_NAMES for f in fields):
-            header = [f.strip().lower() for f in fields]
-        elif header is None:
-            yield record
-        elif len(fields) != len(header):
-            record.value = Unreadable(f"row has {len(fields)} fields, the header has "
-                                      f"{len(header)}", "row width differs from the header")
-            yield record
-        else:
-            record.value = dict(zip(header, fields))
-            yield record
-        first = False
+    # A TSV has a header only when its first row names known columns.
+    return _keyed_rows(tsv_rows(path), lambda row: all(f.strip().lower() in _COLUMN_NAMES for f in row))
 
 
 def _filled(value) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from babyllama.data.builtin import iter_builtin
 from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
                                     json_or_lines, json_type, jsonl_records, lines,
                                     parquet_column)
@@ -44,7 +45,6 @@ def iter_documents(source, text_field: str = "text", skip_bad: bool = False,
     bad record (`file:line: problem`); with `skip_bad` bad records are counted in `bad`."""
     report = Reporter(skip_bad, bad)
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
-        from babyllama.data.builtin import iter_builtin
         yield from iter_builtin(source)
         return
     path = Path(source)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, where
 from babyllama.textfile import read_text
 
 
@@ -389,6 +389,19 @@ def first_unreadable(records, raise_as: Callable[[Record], str] | None = None):
             problem = raise_as(record) if raise_as else record.value.problem
             raise UserError(f"{record.where}: {problem}")
         yield record
+
+
+def json_list_records(path: Path, items: str = "objects",
+                      raise_as: Callable[[Record], str] | None = None) -> list[Record]:
+    """The records of a .jsonl file (the first unreadable line raises, worded by `raise_as`),
+    or of a .json list, each located by the line its item starts on. Raises UserError
+    `file:1: expected a JSON list of <items>` when a .json holds something else."""
+    if path.suffix.lower() == ".jsonl":
+        return list(first_unreadable(jsonl_records(path, whole=True), raise_as))
+    value = load_json(path)
+    if not isinstance(value, list):
+        raise UserError(f"{where(path, 1)}: expected a JSON list of {items}, found {type(value).__name__}")
+    return [Record(where(path, line), item, line) for line, item in zip(item_lines(path, value), value)]
 
 
 def lcsts_records(path: Path) -> Iterator[Record]:

@@ -14,6 +14,7 @@ of (seed, step, micro, rank): a resumed or a distributed run needs no loader sta
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -247,8 +248,6 @@ def _pack_rows(lengths: np.ndarray, seq_len: int, rng) -> list[list[int]]:
     most tightly, else a new row. Rows come out ~98% full where next-fit in random order left
     ~20% empty (measured on alpaca_zh, seq 256); the rows are then shuffled so a batch mixes
     long and short conversations. Ties in length are broken in a seeded order."""
-    import bisect
-
     order = rng.permutation(len(lengths))
     order = order[np.argsort(-lengths[order], kind="stable")]
     rows: list[list[int]] = []

@@ -37,6 +37,7 @@ from babyllama.batching import batched_by_size
 from babyllama.data.readers import BadRecords, as_source_list, iter_sources, require_documents
 from babyllama.errors import UserError
 from babyllama.textfile import read_json_object
+from babyllama.tokenizer import Tokenizer
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -142,7 +143,6 @@ def _prepare_into(tmp_dir: Path, sources: list, tokenizer, *, val_fraction, work
 
 def _as_tokenizer(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
-        from babyllama.tokenizer import Tokenizer
         return Tokenizer.load(tokenizer)
     return tokenizer
 

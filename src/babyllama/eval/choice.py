@@ -29,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from babyllama.data.records import (Record, csv_rows, first_unreadable, item_lines,
-                                    jsonl_records, load_json)
+from babyllama.data.records import Record, csv_rows, first_unreadable, json_list_records
 from babyllama.errors import UserError, where
-from babyllama.eval.prompting import prompt_ids
+from babyllama.eval.prompting import question_prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model, score_requests
 
@@ -221,24 +220,13 @@ def csv_questions(path: Path, subject: str) -> list[Question]:
     return questions
 
 
-def json_question_records(path: Path) -> list[Record]:
-    """The records of a .jsonl, or of a .json list located by their lines."""
-    if path.suffix.lower() == ".jsonl":
-        # Choice has always called a bad line "not valid JSON".
-        return list(first_unreadable(jsonl_records(path, whole=True), lambda r: "not valid JSON "
-                                     f"({r.value.problem.removeprefix('invalid JSON: ')})"))
-    items = load_json(path)
-    if not isinstance(items, list):
-        raise UserError(f"{where(path, 1)}: expected a JSON list of question objects, found "
-                        f"{type(items).__name__}")
-    return [Record(where(path, line), item, line)
-            for line, item in zip(item_lines(path, items), items)]
-
-
 def object_questions(path: Path, subject: str) -> list[Question]:
     """The questions of a .jsonl / .json file (see the module docstring for the fields)."""
     questions = []
-    for record in json_question_records(path):
+    # Choice has always called a bad line "not valid JSON".
+    records = json_list_records(path, "question objects", lambda r: "not valid JSON "
+                                f"({r.value.problem.removeprefix('invalid JSON: ')})")
+    for record in records:
         rec, at = record.value, record.where
         if not isinstance(rec, dict):
             raise UserError(f"{at}: expected a JSON object")
@@ -382,14 +370,14 @@ def requests(tokenizer, q: Question, shots: list[Question], name: str, *, cloze:
         turns[0] = (header(name, cloze) + turns[0][0], turns[0][1])
     else:
         question = header(name, cloze) + question
-    prompt = prompt_ids(tokenizer, turns, question, chat=chat)
+    prompt = question_prompt_ids(tokenizer, turns, question, chat=chat)
     answers = [answer_text(q, i, cloze) for i in range(len(q.options))]
     if chat:
         out = [(prompt, tokenizer.encode(a)) for a in answers]
     else:
         out = []
         for a in answers:
-            full = prompt_ids(tokenizer, turns, question + a, chat=False)
+            full = question_prompt_ids(tokenizer, turns, question + a, chat=False)
             p = next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), len(prompt))
             out.append((full[:p], full[p:]))
     # The letter method scores one token: the first one that spells the letter.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from babyllama.data.readers import iter_documents, require_documents
 from babyllama.errors import UserError
-from babyllama.eval.prompting import generate_answers, prompt_ids
+from babyllama.eval.prompting import generate_answers, question_prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.infer.config import GenerationConfig, changed_settings, decoding_defaults
 
@@ -93,7 +93,7 @@ def run_generation(model, tokenizer, opts: GenerationOptions) -> EvalResult:
     opts.check()
     prompts = list(itertools.islice(
         require_documents(iter_documents(opts.data, text_field=opts.prompt_field), opts.data), opts.limit))
-    ids = [prompt_ids(tokenizer, [], p.strip(), chat=opts.chat) for p in prompts]
+    ids = [question_prompt_ids(tokenizer, [], p.strip(), chat=opts.chat) for p in prompts]
     answers = generate_answers(model, tokenizer, ids, opts.generation, chat=opts.chat,
                                batch_size=opts.batch_size, progress=opts.progress)
     texts = [a.text.strip() for a in answers]

@@ -16,7 +16,7 @@ from babyllama.infer.generate import Completion, complete, encode_prompt, end_id
 from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 
 
-def prompt_ids(tokenizer, turns: list[tuple[str, str]], question: str, *, chat: bool,
+def question_prompt_ids(tokenizer, turns: list[tuple[str, str]], question: str, *, chat: bool,
                system: str | None = None) -> list[int]:
     """Token ids asking `question` after the example `turns` [(question, answer)].
 

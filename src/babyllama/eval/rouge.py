@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from babyllama.data.records import (Record, csv_rows, first_unreadable, is_lcsts_text, item_lines,
-                                    jsonl_records, lcsts_records, load_json, tsv_rows)
+from babyllama.data.records import (Record, csv_rows, first_unreadable, is_lcsts_text, json_list_records,
+                                    lcsts_records, tsv_rows)
 from babyllama.errors import UserError, where
-from babyllama.eval.prompting import generate_answers, prompt_ids
+from babyllama.eval.prompting import generate_answers, question_prompt_ids
 from babyllama.eval.report import EvalResult
 from babyllama.eval.scoring import base_model
 from babyllama.infer.config import GenerationConfig, changed_settings, decoding_defaults
@@ -227,18 +227,6 @@ def csv_examples(path: Path, source_field: str | None,
     return out
 
 
-def json_lines_of(path: Path) -> list[Record]:
-    """The records of a .jsonl, or of a .json list located by their lines."""
-    if path.suffix.lower() == ".jsonl":
-        return list(first_unreadable(jsonl_records(path, whole=True)))
-    items = load_json(path)
-    if not isinstance(items, list):
-        raise UserError(f"{where(path, 1)}: expected a JSON list of objects, "
-                        f"found {type(items).__name__}")
-    return [Record(where(path, line), item, line)
-            for line, item in zip(item_lines(path, items), items)]
-
-
 def object_examples(records: list[Record], source_field: str | None,
                     target_field: str | None) -> list[Example]:
     """Examples of JSON objects; the first object's keys name the fields of all."""
@@ -273,7 +261,7 @@ def read_summaries(path: str | Path, source_field: str | None = None,
     elif suffix == ".csv":
         out = csv_examples(path, source_field, target_field)
     elif suffix in (".jsonl", ".json"):
-        out = object_examples(json_lines_of(path), source_field, target_field)
+        out = object_examples(json_list_records(path), source_field, target_field)
     elif suffix == ".txt":
         if not is_lcsts_text(path):
             raise UserError(f"{path}: no <summary> tag: a .txt file is read as LCSTS "
@@ -326,7 +314,7 @@ def fit_prompt(tokenizer, template: str, source: str, *, chat: bool,
     """The prompt's ids for `source`, its end cut off until the prompt has at most `budget`
     tokens (the template is kept whole: it says what to do). Returns (ids, shortened)."""
     def encode(text: str) -> list[int]:
-        return prompt_ids(tokenizer, [], template.replace("{text}", text), chat=chat)
+        return question_prompt_ids(tokenizer, [], template.replace("{text}", text), chat=chat)
 
     ids = encode(source)
     if len(ids) <= budget:
@@ -354,7 +342,7 @@ def run_rouge(model, tokenizer, opts: RougeOptions) -> EvalResult:
     context = base_model(model).config.max_position_embeddings
     cfg = opts.generation
     budget = context - cfg.max_new_tokens
-    alone = len(prompt_ids(tokenizer, [], opts.template.replace("{text}", ""), chat=opts.chat))
+    alone = len(question_prompt_ids(tokenizer, [], opts.template.replace("{text}", ""), chat=opts.chat))
     if alone > budget:
         raise UserError(f"the prompt template alone takes {alone} tokens: with max_new_tokens "
                         f"{cfg.max_new_tokens} it does not fit the model's context ({context})")

@@ -13,26 +13,30 @@ import dataclasses
 import difflib
 
 from babyllama.errors import UserError
+from babyllama.eval.choice import ChoiceOptions, run_choice
+from babyllama.eval.generation import GenerationOptions, run_generation
+from babyllama.eval.lm import LMOptions, run_lm
 from babyllama.eval.report import EvalResult
+from babyllama.eval.rouge import RougeOptions, run_rouge
+from babyllama.infer.config import generation_config
 
-TASKS = ("lm", "rouge", "choice", "generation")
+# The registry: task name -> (options dataclass, run function). Adding a task is one entry here
+# plus its own module with an options dataclass (fields = its settings, `check()`) and
+# `run_NAME(model, tokenizer, options) -> EvalResult`.
+REGISTRY = {
+    "lm": (LMOptions, run_lm),
+    "rouge": (RougeOptions, run_rouge),
+    "choice": (ChoiceOptions, run_choice),
+    "generation": (GenerationOptions, run_generation),
+}
+TASKS = tuple(REGISTRY)
 
 
 def task_parts(name: str):
-    """(options dataclass, run function) of a task; imported on use (rouge's jieba, ...)."""
-    if name == "lm":
-        from babyllama.eval.lm import LMOptions, run_lm
-        return LMOptions, run_lm
-    if name == "rouge":
-        from babyllama.eval.rouge import RougeOptions, run_rouge
-        return RougeOptions, run_rouge
-    if name == "choice":
-        from babyllama.eval.choice import ChoiceOptions, run_choice
-        return ChoiceOptions, run_choice
-    if name == "generation":
-        from babyllama.eval.generation import GenerationOptions, run_generation
-        return GenerationOptions, run_generation
-    raise UserError(f"unknown evaluation task {name!r}: choose one of {', '.join(TASKS)}")
+    """(options dataclass, run function) of a task. Raises UserError for an unknown name."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown evaluation task {name!r}: choose one of {', '.join(TASKS)}")
+    return REGISTRY[name]
 
 
 def task_options(spec: dict, source: str = "train.eval_tasks", **defaults):
@@ -52,8 +56,6 @@ def task_options(spec: dict, source: str = "train.eval_tasks", **defaults):
             raise UserError(f"{source}: the {name} task has no setting {key!r}{hint}; "
                             f"settings: {', '.join(fields)}")
     if isinstance(spec.get("generation"), dict):
-        from babyllama.infer.config import generation_config
-
         base = cls(data=spec["data"]).generation  # the task's own decoding defaults
         spec["generation"] = generation_config({**base.__dict__, **spec["generation"]})
     spec.update({k: v for k, v in defaults.items() if k in fields and k not in spec})

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from babyllama.errors import UserError
+from babyllama.export.gguf import write_gguf
+from babyllama.export.hf import write_hf, write_model_files
+from babyllama.export.onnx import write_onnx
+from babyllama.export.source import load_export_source
 
 # Weight types per format; the first is the default.
 DTYPES: dict[str, tuple[str, ...]] = {
@@ -51,27 +55,18 @@ def gguf_path(out: Path, run: Path, dtype: str) -> Path:
 def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = None,
                merge: bool = False) -> Exported:
     """Write the run (or transformers directory) `run` in format `fmt` to `out`."""
-    from babyllama.export.source import load_export_source
-
     dtype = check_export_options(fmt, dtype)
     run, out = Path(run), Path(out)
     src = load_export_source(run, merge=merge)
     if fmt == "hf":
-        from babyllama.export.hf import write_hf
-
         warnings = write_hf(src.model, src.tokenizer, out, dtype=dtype, chat=src.chat)
         return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)
     if fmt == "gguf":
-        from babyllama.export.gguf import write_gguf
-
         path = gguf_path(out, run, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         result = write_gguf(src.model, src.tokenizer, path, dtype=dtype,
                             name=run.resolve().name, chat=src.chat)
         return Exported(path, [path], list(result.warnings))
-    from babyllama.export.hf import write_model_files
-    from babyllama.export.onnx import write_onnx
-
     out.mkdir(parents=True, exist_ok=True)
     write_onnx(src.model, out / "model.onnx")
     # Next to the graph, the files that say how to feed it: sizes, tokenizer, stop tokens.

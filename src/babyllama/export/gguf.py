@@ -353,7 +353,7 @@ def _sentencepiece_vocab(tokenizer) -> _Vocab:
     scores = [float(p.score) for p in pieces]
     # SentencePiece's piece types use gguf's numbering (NORMAL=1 ... BYTE=6).
     types = [TokenType(p.type) for p in pieces]
-    for special in tokenizer._backend.appended:
+    for special in (t["content"] for t in tokenizer.added_tokens()):
         tokens.append(special)
         scores.append(0.0)
         types.append(TokenType.CONTROL)

@@ -26,10 +26,15 @@ from pathlib import Path
 import torch
 
 from babyllama.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from babyllama.config import RunConfig
 from babyllama.errors import UserError
+from babyllama.infer.config import decoding_defaults
 from babyllama.model.llama import Llama, ModelConfig
+from babyllama.model.weights import load_state, model_state
+from babyllama.run import Run, model_config_from_hf
 from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizer.chat_template import stop_token_ids
 from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE, sentencepiece_proto
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -78,9 +83,6 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = to
 def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
     """generation_config.json: our own defaults, so `model.generate(**inputs)` samples as
     `babyllama generate` (or `chat`, for an SFT run) does."""
-    from babyllama.infer.config import decoding_defaults
-    from babyllama.tokenizer.chat_template import stop_token_ids
-
     cfg = decoding_defaults("chat" if chat else "plain")
     settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty}
@@ -95,7 +97,6 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
     Returns warnings worth a line each (see `write_tokenizer_files`)."""
     from safetensors.torch import save_file
 
-    from babyllama.model.weights import model_state
 
     if dtype not in HF_DTYPES:
         raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
@@ -313,10 +314,6 @@ def _check_llama_config(path: Path) -> None:
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A run directory (config.yaml, model.safetensors in fp32, tokenizer/) from the
     transformers Llama directory `src`; `babyllama sft`, `eval`, `chat` and `export` take it."""
-    from babyllama.config import RunConfig
-    from babyllama.model.weights import load_state
-    from babyllama.run import Run, model_config_from_hf
-
     src, run = Path(src), Run(out)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a transformers directory (no config.json)")

@@ -78,9 +78,7 @@ class KeyValueLlama(nn.Module):
                 position_ids: torch.Tensor, past_key_values: list[torch.Tensor]):
         m = self.model
         mask = attention_allowed(attention_mask, input_ids.size(1))
-        # (B, 1, T, head_dim): one table row per token, broadcast over heads (as hidden_states).
-        cos = m.rope_cos[position_ids].unsqueeze(1)
-        sin = m.rope_sin[position_ids].unsqueeze(1)
+        cos, sin = m.rope_at(0, input_ids.size(1), position_ids)  # (B, 1, T, head_dim)
         x = m.model.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(m.model.layers):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.batching import batched
+from babyllama.config import load_config
 from babyllama.errors import UserError
 from babyllama.tokenizer.tokenizer import Tokenizer
 from babyllama.tokenizer.train import DEFAULT_PRETOKENIZER, train_tokenizer
@@ -60,8 +61,6 @@ def _model_config(preset) -> tuple[str | None, object | None]:
         return None, None
     if not isinstance(preset, str):
         return "model", preset
-    from babyllama.config import load_config
-
     return preset, load_config(preset).model
 
 
@@ -211,11 +210,11 @@ def byte_token_mask(tok: Tokenizer) -> np.ndarray:
     mask = np.zeros(tok.vocab_size, dtype=bool)
     if tok.kind == "sentencepiece":
         sp = tok.backend
-        for i in range(tok._backend.base_size):
+        for i in range(sp.get_piece_size()):  # the appended specials are not bytes
             mask[i] = sp.is_byte(i)
         return mask
     decode = _byte_level_decoder() if _is_byte_level(tok.backend) else None
-    special = {t["id"] for t in tok._backend.added_tokens()}
+    special = {t["id"] for t in tok.added_tokens()}
     for token, i in tok.backend.get_vocab(with_added_tokens=False).items():
         if i in special:
             continue

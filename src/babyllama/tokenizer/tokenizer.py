@@ -235,6 +235,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.vocab_size
 
+    def added_tokens(self) -> list[dict]:
+        """The special tokens registered on the wrapped model, as transformers lists them
+        ([{"id", "content", "special"}]); for SentencePiece, those appended after its last
+        piece (`backend.get_piece_size()` onwards), in id order."""
+        return self._backend.added_tokens()
+
     @property
     def bos_id(self) -> int:
         return self.special_token_ids["bos"]

@@ -271,7 +271,7 @@ def _corpus_usage(tok: Tokenizer, texts: Iterable[str], progress: bool) -> tuple
     Encoded with the tokenizer's own `encode_batch`, as training data is: our special-token
     strings in the text become their appended ids (dropped here) and the text between them is
     encoded by SentencePiece, a whole batch per call."""
-    base = tok._backend.base_size
+    base = tok.backend.get_piece_size()
     used = np.zeros(base, dtype=bool)
     documents = tokens = 0
     has_text = False  # whitespace-only texts are encoded (they have pieces) but make no corpus
@@ -293,7 +293,7 @@ def _retained(tok: Tokenizer, retain: Iterable[str]) -> tuple[set[int], int, int
     also tokenized and its pieces kept, so the word encodes as before (a word like "hello"
     encodes as "▁hello" in running text, which the piece "hello" alone would not cover)."""
     entries = list(dict.fromkeys(retain))
-    base = tok._backend.base_size
+    base = tok.backend.get_piece_size()
     ids = {i for e in entries if (i := tok.token_to_id(e)) is not None and i < base}
     not_pieces = len(entries) - len(ids)
     ids.update(i for row in tok.encode_batch(entries) for i in row if i < base)
@@ -315,7 +315,7 @@ def _special(proto) -> set[int]:
 def _special_token_pieces(tok: Tokenizer) -> set[int]:
     """Pieces that serve a special-token role (a model may use a normal piece as pad, say):
     removing one would make the trimmed Tokenizer append it, shifting the appended ids."""
-    base = tok._backend.base_size
+    base = tok.backend.get_piece_size()
     return {i for i in tok.special_token_ids.values() if i is not None and i < base}
 
 
@@ -379,7 +379,7 @@ def _rebuild(tok: Tokenizer, model_bytes: bytes) -> Tokenizer:
     """A Tokenizer on the trimmed model with the original's special tokens: the same roles,
     and the appended ones in the same order, now after the new last piece."""
     backend = SentencePieceBackend(spm.SentencePieceProcessor(model_proto=model_bytes))
-    backend.appended = list(tok._backend.appended)
+    backend.appended = [t["content"] for t in tok.added_tokens()]
     return Tokenizer(backend, dict(tok.special_tokens), chat_template=tok.chat_template)
 
 

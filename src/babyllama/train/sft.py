@@ -14,12 +14,19 @@ import torch
 import yaml
 
 from babyllama.config import RunConfig, check, derive_schedule, resolve_config
+from babyllama.data.conversations import iter_conversations
 from babyllama.data.readers import BadRecords
+from babyllama.data.sft import SFTBatches, build_examples, eval_batches, mix, split_validation
+from babyllama.data.sft_augment import augment_constraints
+from babyllama.data.shards import TokenShards
 from babyllama.errors import UserError
+from babyllama.infer.chat import chat_sample
+from babyllama.lora import apply_lora, quantize_base, trainable_counts
 from babyllama.model.llama import Llama
 from babyllama.model.weights import load_weights
 from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizer.chat_template import resolve_template
 from babyllama.train.distributed import cleanup, init_distributed
 from babyllama.train.trainer import EvalSet, train
 
@@ -58,10 +65,6 @@ def sft_config(base: str | Path, overrides: list[str] | dict | None = None) -> R
 
 def read_conversations(cfg: RunConfig, bad: BadRecords) -> tuple[list, list, list[str]]:
     """(train conversations mixed by weight, validation conversations, one report line per source)."""
-    from babyllama.data.conversations import iter_conversations
-    from babyllama.data.sft import mix, split_validation
-    from babyllama.data.sft_augment import augment_constraints
-
     s = cfg.sft
     if not s.sources:
         raise UserError("no SFT data: pass --data FILE (conversations; see `babyllama sft --help`)")
@@ -93,8 +96,6 @@ def steps_for(cfg: RunConfig, batches, n_tokens: int) -> int:
 
 
 def replay_source(cfg: RunConfig, tokenizer: Tokenizer):
-    from babyllama.data.shards import TokenShards
-
     s = cfg.sft
     if s.replay_ratio <= 0:
         return None
@@ -111,8 +112,6 @@ def replay_source(cfg: RunConfig, tokenizer: Tokenizer):
 
 
 def eval_set_for(examples, batch_size: int, tokenizer) -> EvalSet | None:
-    from babyllama.data.sft import eval_batches
-
     if not examples:
         return None
     batches = eval_batches(examples, batch_size, tokenizer.pad_id)
@@ -126,8 +125,6 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
     """The base frozen (in 4-bit NF4 for QLoRA) under fresh LoRA adapters."""
-    from babyllama.lora import apply_lora, quantize_base, trainable_counts
-
     if cfg.lora.qlora:
         model.to(device)  # bitsandbytes quantizes on the device the weights are on
         quantize_base(model, TORCH_DTYPES[cfg.lora.compute_dtype])
@@ -143,10 +140,6 @@ def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
 def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
     """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
     follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
-    from babyllama.data.sft import SFTBatches, build_examples
-    from babyllama.infer.chat import chat_sample
-    from babyllama.tokenizer.chat_template import resolve_template
-
     run = Run(cfg.out_dir)
     if not resume:
         run.refuse_overwrite()

@@ -52,3 +52,14 @@ def test_no_module_imports_private_names_of_another():
                for line, target, names in babyllama_imports(path)
                for name in names if name.startswith("_") and not name.startswith("__")]
     assert not private, "\n".join(private)
+
+
+def test_names_scripts_import_from_earlier_versions_stay_importable():
+    """Moving code between modules must not break users' scripts (and ../shared/cases)."""
+    from babyllama.cli import main, read_document  # noqa: F401
+    from babyllama.config import load_config, save_config  # noqa: F401
+    from babyllama.infer.chat import prompt_ids  # noqa: F401
+    from babyllama.model.weights import load_weights as moved
+    from babyllama.train.checkpoint import load_weights, save_weights  # noqa: F401
+
+    assert load_weights is moved

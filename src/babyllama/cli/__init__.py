@@ -17,6 +17,7 @@ import sys
 from babyllama.cli import (chat, clean, demo, export, generate, import_, merge_lora, model, prepare,
                            pretrain, sft, tokenizer)
 from babyllama.cli import eval as eval_  # the module; plain `eval` would hide the builtin here
+from babyllama.cli.chat import read_document  # noqa: F401  (importable as before the split)
 from babyllama.errors import UserError
 
 COMMANDS = (tokenizer, clean, prepare, pretrain, generate, sft, chat, eval_, merge_lora, export, import_,

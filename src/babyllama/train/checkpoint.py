@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
+from babyllama.model.weights import load_weights, save_weights  # noqa: F401  (see below)
 from babyllama.run import Run
+
+# Weight files moved to babyllama.model.weights (below train/, where the API and the exporters
+# can use them); save_weights and load_weights stay importable from here for scripts written
+# against earlier versions.
 
 
 def save_resume(run_dir: Path, model, optimizer, scaler, trainer_state: dict) -> None:

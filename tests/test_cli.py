@@ -221,3 +221,17 @@ def test_decoding_flags_default_to_the_one_table(tmp_path):
         assert options.generation == decoding_defaults(kind), task
     args = parser.parse_args(["eval", "RUN", "--task", "rouge", "--data", str(prompts), "--max-new-tokens", "9"])
     assert eval_options(args, chat=False)[1].generation == decoding_defaults("eval-rouge", max_new_tokens=9)
+
+
+def test_missing_data_and_empty_corpora_are_named(tmp_path, capsys):
+    """`pretrain --data` naming no directory says so (not "no tokenizer/ next to the data"), and
+    training a tokenizer on an empty corpus is an error, as prepare's is."""
+    from babyllama.cli import main
+
+    assert main(["pretrain", "--preset", "demo-cpu", "--data", str(tmp_path / "nodata"),
+                 "-o", str(tmp_path / "run")]) == 2
+    assert "nodata: no such directory (expected a dataset made by prepare)" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    assert main(["tokenizer", "train", str(empty), "--vocab-size", "300", "-o", str(tmp_path / "tok")]) == 2
+    assert "empty corpus" in capsys.readouterr().err and not (tmp_path / "tok").exists()

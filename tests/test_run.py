@@ -94,3 +94,25 @@ def test_resume_allows_only_length_and_intervals_to_change():
     assert saved.train.max_steps != 50 and saved.out_dir != "elsewhere"
     with pytest.raises(UserError, match="train.lr cannot change when resuming"):
         resume_config(saved, ["train.lr=1"], "x")
+
+
+def test_resume_accepts_restated_settings_and_refuses_changed_ones():
+    """Re-running the original command with --resume restates its settings: that is allowed;
+    only a value that differs from the run's is refused."""
+    saved = load_config("demo-cpu", ["model.hidden_size=64"])
+    cfg = resume_config(saved, ["model.hidden_size=64", "train.max_steps=9"], "x")
+    assert cfg.model.hidden_size == 64 and cfg.train.max_steps == 9
+    with pytest.raises(UserError, match="model.hidden_size cannot change when resuming"):
+        resume_config(saved, ["model.hidden_size=128"], "x")
+
+
+def test_resuming_behind_the_step_reached_is_refused(tmp_path, tiny_tokenizer):
+    """A resumed run whose max_steps is below its step would train nothing and save a
+    config.yaml whose length the weights have passed."""
+    run, model = tiny_run(tmp_path, tiny_tokenizer)
+    run.check_resume_length(1)  # no resume state: nothing to compare
+    run.save_resume(model, {}, {"step": 200, "tokens": 0})
+    assert run.resume_step() == 200
+    run.check_resume_length(200)
+    with pytest.raises(UserError, match="the run is at step 200; train.max_steps=60 is behind it"):
+        run.check_resume_length(60)

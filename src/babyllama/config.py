@@ -397,14 +397,25 @@ def resume_config(saved: RunConfig, overrides: list[str] | None, out_dir: str) -
     cfg = copy_config(saved, out_dir=out_dir)  # the run may have moved: trust the path given now
     if overrides:
         values = parse_overrides(overrides)
-        for section, keys in values.items():
-            bad = set(keys) - RESUME_KEYS.get(section, set()) if isinstance(keys, dict) else {section}
-            if bad:
-                raise UserError(f"command line: {section}.{sorted(bad)[0]} cannot change when "
-                                "resuming (only train.max_steps and logging intervals can)")
         apply_values(cfg, values)
+        # Repeating the original command with --resume restates its settings: a key outside
+        # RESUME_KEYS is refused only when its value would actually change.
+        for key in sorted(dotted_keys(values)):
+            section, _, name = key.partition(".")
+            if name in RESUME_KEYS.get(section, set()):
+                continue
+            if dotted_get(cfg, key) != dotted_get(saved, key):
+                raise UserError(f"command line: {key} cannot change when resuming (only "
+                                "train.max_steps and logging intervals can)")
         cfg.user_keys = frozenset(dotted_keys(values))
     check(cfg)
+    return cfg
+
+
+def dotted_get(cfg, key: str):
+    """`dotted_get(cfg, "train.lr")` -> cfg.train.lr."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
     return cfg
 
 

@@ -253,6 +253,19 @@ class Run:
                 return d
         return None
 
+    def resume_step(self) -> int | None:
+        """The optimizer step the resume state was saved at, or None without one."""
+        d = self.resume_dir()
+        return None if d is None else int(read_json(d / TRAINER_STATE)["step"])
+
+    def check_resume_length(self, max_steps: int) -> None:
+        """Raise UserError if a resumed run's train.max_steps is behind the step it has reached
+        (it would train nothing and record a length the weights have passed)."""
+        step = self.resume_step()
+        if step is not None and max_steps < step:
+            raise UserError(f"{self.path}: the run is at step {step}; train.max_steps={max_steps} "
+                            f"is behind it (give {step} or more)")
+
     def save_resume(self, model, optimizer_state: dict, trainer_state: dict) -> None:
         """Replace resume/ atomically with the model's weights (a peft model: its adapter),
         `optimizer_state` (torch.save'd: optimizer, scaler, RNG states) and `trainer_state`

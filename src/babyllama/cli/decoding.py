@@ -18,18 +18,27 @@ def add_sampling_args(p: argparse.ArgumentParser, kind: str | None = "plain", tr
     def default(name):
         return getattr(d, name) if d else None
 
-    g = p.add_argument_group("decoding (transformers' GenerationConfig semantics)")
-    g.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"))
-    g.add_argument("--temperature", type=float, default=default("temperature"), help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=default("top_k"), help="0 = off")
-    g.add_argument("--top-p", type=float, default=default("top_p"), help="1 = off")
-    g.add_argument("--min-p", type=float, default=default("min_p"), help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=default("repetition_penalty"), help="1 = off")
-    g.add_argument("--frequency-penalty", type=float, default=default("frequency_penalty"))
-    g.add_argument("--presence-penalty", type=float, default=default("presence_penalty"))
-    g.add_argument("--no-repeat-ngram-size", type=int, default=default("no_repeat_ngram_size"), help="0 = off")
-    g.add_argument("--num-beams", type=int, default=default("num_beams"), help="> 1: beam search")
-    g.add_argument("--length-penalty", type=float, default=default("length_penalty"), help="beam search")
+    def shown(note: str = "") -> str:
+        # The default is the table's row; eval's is each task's own.
+        said = "default: %(default)s" if d else "default: the task's"
+        return f"{note}; {said}" if note else said
+
+    g = p.add_argument_group(f"decoding (transformers' GenerationConfig semantics; defaults: the "
+                             f"{kind + ' row' if kind else 'task rows'} of DECODING_DEFAULTS)")
+    g.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"), help=shown())
+    g.add_argument("--temperature", type=float, default=default("temperature"), help=shown("0 = greedy"))
+    g.add_argument("--top-k", type=int, default=default("top_k"), help=shown("0 = off"))
+    g.add_argument("--top-p", type=float, default=default("top_p"), help=shown("1 = off"))
+    g.add_argument("--min-p", type=float, default=default("min_p"), help=shown("0 = off"))
+    g.add_argument("--repetition-penalty", type=float, default=default("repetition_penalty"),
+                   help=shown("1 = off"))
+    g.add_argument("--frequency-penalty", type=float, default=default("frequency_penalty"), help=shown())
+    g.add_argument("--presence-penalty", type=float, default=default("presence_penalty"), help=shown())
+    g.add_argument("--no-repeat-ngram-size", type=int, default=default("no_repeat_ngram_size"),
+                   help=shown("0 = off"))
+    g.add_argument("--num-beams", type=int, default=default("num_beams"), help=shown("> 1: beam search"))
+    g.add_argument("--length-penalty", type=float, default=default("length_penalty"),
+                   help=shown("beam search"))
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop string (may be repeated); a control token's text such as '<|im_end|>' "
                         "stops at that token")

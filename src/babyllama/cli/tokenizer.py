@@ -54,12 +54,12 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from babyllama.data.readers import BadRecords, iter_documents
+    from babyllama.data.readers import BadRecords, iter_sources, require_documents
     from babyllama.tokenizer import train_tokenizer
 
     bad = BadRecords()
-    texts = (doc for src in args.sources
-             for doc in iter_documents(src, text_field=args.text_field, skip_bad=args.skip_bad_records, bad=bad))
+    docs = iter_sources(args.sources, text_field=args.text_field, skip_bad=args.skip_bad_records, bad=bad)
+    texts = require_documents(docs, args.sources, bad)  # an empty corpus is an error, as for prepare
     if args.max_documents:
         import itertools
 

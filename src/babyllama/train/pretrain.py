@@ -22,6 +22,7 @@ from babyllama.train.trainer import EvalSet, train
 
 
 def find_tokenizer(cfg: RunConfig) -> str:
+    """--tokenizer, else the tokenizer `babyllama prepare` saved next to the data."""
     if cfg.tokenizer:
         return cfg.tokenizer
     candidate = Path(cfg.data) / TOKENIZER  # `babyllama prepare` saves the tokenizer it used
@@ -47,7 +48,9 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     if not cfg.data:
         raise UserError("no data: pass --data DIR (a directory made by `babyllama prepare`)")
     run = Run(cfg.out_dir)
-    if not resume:
+    if resume:
+        run.check_resume_length(cfg.train.max_steps)
+    else:
         run.refuse_overwrite()
     check(cfg)
     # Saved absolute, so `--resume` works from any working directory.
@@ -55,8 +58,8 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
                       tokenizer=str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "")
     info, device = init_distributed(cfg.train.device)
     try:
+        shards = TokenShards(cfg.data, "train")  # first: a missing dataset is the likelier mistake
         tokenizer = Tokenizer.load(find_tokenizer(cfg))
-        shards = TokenShards(cfg.data, "train")
         cfg.model.vocab_size = tokenizer.vocab_size  # the model's vocabulary is the tokenizer's
         check_against_data(cfg, tokenizer, shards)
         if info.is_main:

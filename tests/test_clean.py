@@ -192,3 +192,49 @@ def test_clean_on_real_alpaca_json_says_why_nothing_was_read(tmp_path):
     message = str(e.value)
     assert "10,021 records skipped" in message and "no 'text' field" in message
     assert "--text-field output" in message and "\n" not in message
+
+
+def test_clean_refuses_an_output_folder_holding_other_files(raw, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{victim}: exists and holds other files \(e\.g\. "
+                                        r"notes\.txt\); choose another -o$"):
+        run_clean(raw, victim)
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]
+    # An earlier clean output is replaced as before; one a file was added to is not.
+    run_clean(raw, tmp_path / "out")
+    run_clean(raw, tmp_path / "out")
+    (tmp_path / "out" / "keep.md").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match=r"holds other files \(e\.g\. keep\.md\)"):
+        run_clean(raw, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "victim"]
+
+
+def test_no_documents_error_says_how_many_files_it_left_out(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in "abcde":
+        (inputs / f"{name}.txt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"no documents in \S*a\.txt, \S*b\.txt, \S*c\.txt and 2 more "
+                                        r"\(.*c\.txt: empty; 2 more files skipped\)$"):
+        clean([inputs], tmp_path / "out", CleanConfig(workers=0), progress=False)
+
+
+def test_every_document_filtered_out_leaves_no_shards_and_the_report_says_why(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "短"}\n', encoding="utf-8")
+    report = clean([src], tmp_path / "c3", CleanConfig(workers=0), progress=False)
+    assert report["shards"] == [] and report["documents_out"] == 0
+    assert report["removed"]["too_short"] == 1
+    md = (tmp_path / "c3" / "_report.md").read_text(encoding="utf-8")
+    assert "Shards: none (nothing survived the filters)" in md
+
+
+def test_an_unclosed_csv_quote_is_counted_as_a_malformed_record(tmp_path):
+    src = tmp_path / "a.csv"
+    src.write_text(f'text\n{PARAGRAPHS[0]}\n"未闭合的引号,abc\n{PARAGRAPHS[1]}\n', encoding="utf-8")
+    report = clean([src], tmp_path / "out", CleanConfig(workers=0), progress=False)
+    assert report["documents_in"] == 1 and report["read"]["bad_records"] == 1
+    (example,) = report["read"]["bad_record_reasons"]["unclosed quote"]["examples"]
+    assert example == f"{src}:3: unclosed quote (the quoted field runs to the end of the file)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import time
 
 import pytest
@@ -667,3 +668,28 @@ def test_skipped_conversations_are_counted_by_reason_with_examples(tmp_path):
     summary = counted.summary()
     assert summary.startswith("3 bad records skipped: 2 invalid JSON (first: ")
     assert f"{path}:2: invalid JSON" in summary and f"{path}:3: message 2" in summary
+
+
+@pytest.mark.parametrize("top, shape", [
+    ({"11290": "just a string", "2": "x"},
+     "an object keyed by ids ('11290', '2') whose values are strings"),
+    ({}, "an empty JSON object"),
+])
+def test_undetectable_single_object_files_describe_their_shape_truthfully(tmp_path, top, shape):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(top), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{path}: cannot tell the conversation format "
+                                        rf"\({re.escape(shape)}\); name it with --format"):
+        convs(path)
+
+
+def test_records_of_a_one_line_id_keyed_object_are_located_by_their_id(tmp_path):
+    empty_reply = {"messages": [{"role": "user", "content": "u"},
+                                {"role": "assistant", "content": ""}]}
+    path = tmp_path / "keyed_oneline.json"
+    path.write_text(json.dumps({"11290": GOOD, "10303": empty_reply}), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{path}:1 \(id 10303\): message 2 \(assistant\) "
+                                        r"is empty$"):
+        convs(path)
+    (good,) = convs(path, skip_bad=True, bad=BadRecords())
+    assert good.source == f"{path}:1 (id 11290)"

@@ -352,3 +352,68 @@ def test_skipped_records_are_counted_by_reason_with_examples_and_the_text_field_
 def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path):
     p = write(tmp_path / "a.json", '{"text": "甲"}\n{"text": "乙"}\n')
     assert list(iter_documents(p)) == ["甲", "乙"]
+
+
+def test_prepare_refuses_an_output_folder_holding_other_files(tmp_path, tok):
+    corpus = corpus_file(tmp_path, CORPUS[:6])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    write(victim / "notes.txt", "keep")
+    with pytest.raises(UserError, match=rf"^{victim}: exists and holds other files \(e\.g\. "
+                                        r"notes\.txt\); choose another -o$"):
+        prepare(corpus, tok, victim, workers=1, progress=False)
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]
+    # A trained run copied there, and a dataset a user added a file to, are kept too.
+    run = tmp_path / "run"
+    run.mkdir()
+    write(run / "model.safetensors", b"weights")
+    write(run / "config.yaml", "model: {}\n")
+    with pytest.raises(UserError, match=r"holds other files \(e\.g\. config\.yaml\)"):
+        prepare(corpus, tok, run, workers=1, progress=False)
+    prepare(corpus, tok, tmp_path / "ds", workers=1, progress=False)
+    write(tmp_path / "ds" / "README.md", "my dataset")
+    with pytest.raises(UserError, match=r"holds other files \(e\.g\. README\.md\)"):
+        prepare(corpus, tok, tmp_path / "ds", workers=1, progress=False)
+    with pytest.raises(UserError, match=r"corpus\.jsonl: exists and is not a directory"):
+        prepare(corpus, tok, corpus, workers=1, progress=False)
+    # Nothing was started: no temporary folder next to the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "ds", "run", "victim"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare(corpus, tok, empty, workers=1, progress=False)["n_documents"] == 6
+
+
+def test_an_unclosed_csv_quote_is_a_bad_record_not_a_merged_document(tmp_path, tok):
+    p = write(tmp_path / "a.csv", 'text\n好的\n"未闭合的引号,abc\n正常\n')
+    with pytest.raises(UserError, match=rf"^{p}:3: unclosed quote \(the quoted field runs to "
+                                        r"the end of the file\)$"):
+        list(iter_documents(p))
+    meta = prepare(p, tok, tmp_path / "ds", workers=1, progress=False, skip_bad=True)
+    assert meta["n_documents"] == 1 and meta["bad_records"]["count"] == 1
+    assert "1 unclosed quote (first: " in meta["bad_records"]["summary"]
+
+
+def test_csv_without_the_text_column_suggests_one_as_json_records_do(tmp_path):
+    p = write(tmp_path / "a.csv", "input,target\n问题,这是一个回答\n")
+    with pytest.raises(UserError, match=r"a\.csv:1: no column 'text' \(columns: input, target\); "
+                                        r"choose one with --text-field, e\.g\. --text-field target$"):
+        list(iter_documents(p, skip_bad=True, bad=BadRecords()))
+    header_only = write(tmp_path / "b.csv", "id,body\n")
+    with pytest.raises(UserError, match=r"e\.g\. --text-field body$"):
+        list(iter_documents(header_only))
+
+
+def test_skip_summary_shows_an_example_and_its_hint_from_each_file(tmp_path, tok):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "pr.json", json.dumps([{"prompt": f"问{i}", "response": f"答{i}"}
+                                          for i in range(4)], ensure_ascii=False))
+    write(folder / "qa.jsonl", '{"question": "问", "answer": "答"}\n{"text": "好的文本"}\n')
+    write(folder / "zalpaca.json", '[{"instruction": "问", "input": "", "output": "答"}]')
+    meta = prepare(folder, tok, tmp_path / "out", workers=1, progress=False, skip_bad=True)
+    examples = meta["bad_records"]["reasons"]["no 'text' field"]["examples"]
+    assert [e.split(":")[0] for e in examples] == [
+        str(folder / "pr.json"), str(folder / "qa.jsonl"), str(folder / "zalpaca.json")]
+    summary = meta["bad_records"]["summary"]
+    for hint in ("response", "answer", "output"):
+        assert f"e.g. --text-field {hint}" in summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,42 @@ def test_reading_comprehension_csv_passage_column_is_shown_before_the_question(t
                      "passage,question,A,B,answer", index=False)
     (q,) = load_exam(path).questions["rc"]
     assert (q.passage, q.question, q.options, q.answer) == ("天空是蓝色的。", "天空什么颜色", ["蓝", "红"], 0)
+
+
+@pytest.mark.parametrize("answer, shown", [(True, "true"), (1.5, "1.5"), ([0], "[0]")])
+def test_an_answer_of_another_type_is_named_not_taken_for_a_missing_one(tmp_path, answer, shown):
+    path = bad_file(tmp_path, "e.jsonl", json.dumps({"question": "q", "choices": ["a", "b"],
+                                                     "answer": answer}) + "\n")
+    with pytest.raises(UserError, match=rf"^{path}:1: answer must be a letter, a 0-based index "
+                                        rf"or the option's text, got {re.escape(shown)}$"):
+        load_exam(path)
+
+
+def test_an_answer_that_is_the_text_of_two_identical_options_is_refused(tmp_path):
+    path = bad_file(tmp_path, "e.jsonl", json.dumps({"question": "q", "options": ["1/16", "3/16", "1/16"],
+                                                     "answer": "1/16"}) + "\n")
+    with pytest.raises(UserError, match=rf"^{path}:1: answer '1/16' is ambiguous: options A and C "
+                                        r"are both '1/16'"):
+        load_exam(path)
+    same = bad_file(tmp_path, "s.jsonl", json.dumps({"question": "q", "options": ["a", "a"],
+                                                     "answer": "a"}) + "\n")
+    with pytest.raises(UserError, match=r"answer 'a' is ambiguous: options A and B are both 'a'"):
+        load_exam(same)
+    # By letter the answer is clear, duplicates or not (CMMLU's genetics has such a question).
+    letter = bad_file(tmp_path, "l.jsonl", json.dumps({"question": "q", "options": ["1/16", "3/16", "1/16"],
+                                                       "answer": "B"}) + "\n")
+    assert load_exam(letter).questions["l"][0].answer == 1
+
+
+def test_missing_options_error_names_the_options_lists_that_work(tmp_path):
+    path = bad_file(tmp_path, "e.jsonl", '{"question": "q", "answer": "A"}\n')
+    with pytest.raises(UserError, match=r"give the options as 'choices': \[\.\.\.\] \(or 'options', "):
+        load_exam(path)
+
+
+def test_an_unclosed_quote_in_an_exam_csv_names_its_row(tmp_path):
+    path = write_csv(tmp_path / "d" / "test" / "agronomy.csv", AGRONOMY)
+    path.write_text(path.read_text(encoding="utf-8") + '3,"未闭合,甲,乙,丙,丁,A\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"agronomy\.csv:5: unclosed quote \(the quoted field runs "
+                                        r"to the end of the file\)$"):
+        load_exam(tmp_path / "d")

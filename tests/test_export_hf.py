@@ -206,3 +206,24 @@ def test_import_refuses_what_our_llama_cannot_represent(tiny_tokenizer, tmp_path
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot read the weights"):
         import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_export_refuses_a_folder_of_other_files_and_rewrites_an_earlier_export(tmp_path, tiny_tokenizer):
+    """An export writes into -o without deleting: into a folder of the user's files it would mix
+    with them (and list them as exported), so it is refused; an earlier export is rewritten."""
+    from babyllama.export import export_run
+    from babyllama.run import Run
+    from babyllama.config import load_config
+    from babyllama.model.llama import Llama
+    from conftest import TINY_MODEL
+
+    cfg = load_config("demo-cpu", TINY_MODEL + [f"model.vocab_size={tiny_tokenizer.vocab_size}"])
+    Run(tmp_path / "run").write_plain_run(Llama(cfg.model), tiny_tokenizer, cfg)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep", encoding="utf-8")
+    with pytest.raises(UserError, match=r"victim: exists and holds other files \(e.g. notes.txt\)"):
+        export_run(tmp_path / "run", "hf", victim)
+    first = export_run(tmp_path / "run", "hf", tmp_path / "hf")
+    again = export_run(tmp_path / "run", "hf", tmp_path / "hf")
+    assert [f.name for f in again.files] == [f.name for f in first.files]

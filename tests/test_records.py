@@ -71,3 +71,47 @@ def test_real_kdconv_list_items_are_located_by_line():
     text = path.read_text(encoding="utf-8").split("\n")
     assert all(json.loads(json.dumps(items[k])) and text[lines[k] - 1].strip().startswith(("{", "["))
                for k in range(0, 150, 37))
+
+
+def test_an_unclosed_csv_quote_is_an_unreadable_at_the_row_it_opens(tmp_path):
+    # csv alone would read the rest of the file into one field: two documents merged silently.
+    path = tmp_path / "a.csv"
+    path.write_text('text\n"未闭合的引号,abc\n正常\n', encoding="utf-8")
+    for whole in (False, True):
+        header, row = csv_rows(path, whole)
+        assert header.value == ["text"] and row.where == f"{path}:2"
+        assert row.value == Unreadable("unclosed quote (the quoted field runs to the end of the "
+                                       "file)", "unclosed quote")
+    closed = tmp_path / "b.csv"
+    closed.write_text('text\n"多\n行"\n"末行"', encoding="utf-8")
+    assert [r.value for r in csv_rows(closed)] == [["text"], ["多\n行"], ["末行"]]
+
+
+def test_records_of_an_id_keyed_object_on_one_line_are_located_by_their_id(tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"11290": {"x": "甲"}, "10303": {"x": "乙"}}), encoding="utf-8")
+    assert [r.where for r in id_records(path, load_json(path))] == [
+        f"{path}:1 (id 11290)", f"{path}:1 (id 10303)"]
+
+
+def test_bad_record_examples_come_from_each_file_before_more_from_the_first():
+    bad = BadRecords()
+    for n in range(1, 5):
+        bad.add(f"d/pr.json: item {n}", f"no 'text' field; e.g. --text-field response {n}")
+    bad.add("d/qa.jsonl:7", "no 'text' field; e.g. --text-field answer")
+    bad.add("d/qa.jsonl:8", "no 'text' field; e.g. --text-field answer")
+    bad.add("d/z.json:1 (id 10303)", "no 'text' field; e.g. --text-field output")
+    assert bad.examples["no 'text' field"] == [
+        "d/pr.json: item 1: no 'text' field; e.g. --text-field response 1",
+        "d/qa.jsonl:7: no 'text' field; e.g. --text-field answer",
+        "d/z.json:1 (id 10303): no 'text' field; e.g. --text-field output"]
+    summary = bad.summary()
+    assert summary.startswith("7 bad records skipped: 7 no 'text' field (first: d/pr.json: item 1")
+    assert "--text-field answer" in summary and "--text-field output" in summary
+    assert "\n" not in summary
+    # One file: its first examples, as before.
+    one = BadRecords()
+    for n in range(1, 5):
+        one.add(f"a.jsonl:{n}", "invalid JSON: x")
+    assert one.examples["invalid JSON"] == [f"a.jsonl:{n}: invalid JSON: x" for n in (1, 2, 3)]
+    assert one.summary() == "4 bad records skipped: 4 invalid JSON (first: a.jsonl:1: invalid JSON: x)"

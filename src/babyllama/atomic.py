@@ -7,10 +7,13 @@ over the target with `os.replace`, which is atomic on POSIX and Windows.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from babyllama.errors import UserError
 
 
 @contextmanager
@@ -63,3 +66,23 @@ def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, out_dir)
+
+
+def check_output_dir(out_dir: Path, marker: str, ours: re.Pattern) -> None:
+    """Refuse an output directory whose contents a run would delete.
+
+    The output replaces `out_dir` whole, so `out_dir` must not exist, be empty, or hold an
+    earlier output of the same kind: its `marker` file and only names matching `ours` (a
+    trained run, or notes a user keeps there, would otherwise be lost without a word).
+    Raises UserError "DIR: exists and holds other files (e.g. NAME); choose another -o", or
+    "DIR: exists and is not a directory" for a file.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory; choose another -o")
+    names = sorted(p.name for p in out_dir.iterdir())
+    others = [n for n in names if not ours.fullmatch(n)] if marker in names else names
+    if others:
+        raise UserError(f"{out_dir}: exists and holds other files (e.g. {others[0]}); "
+                        f"choose another -o")

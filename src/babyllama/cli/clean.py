@@ -53,4 +53,5 @@ def cmd_clean(args) -> None:
     out = Path(args.out)
     md = read_text(out / "_report.md")
     print(md.split("## Examples removed")[0].rstrip())
-    print(f"-> {out} ({', '.join(report['shards'])}; _report.md, _report.json with examples)")
+    shards = ", ".join(report["shards"]) or "no shards: nothing survived the filters"
+    print(f"-> {out} ({shards}; _report.md, _report.json with examples)")

@@ -24,15 +24,18 @@ batches in flight are a fixed window, the spool and the index live on disk.
               estimated Jaccard >= 0.6, so documents that merely share boilerplate stay)
 
 Output: OUT/part-00000.jsonl ... ({"text": ...} per line, ~shard_mb each; `babyllama prepare`
-reads the folder; it skips files starting with "_"), OUT/_report.md and OUT/_report.json. OUT is written as OUT.tmp-PID and moved
-into place at the end: an interrupted run leaves the previous output untouched (and starts
-over when run again).
+reads the folder; it skips files starting with "_"), OUT/_report.md and OUT/_report.json. OUT
+is written as OUT.tmp-PID and moved into place at the end: an interrupted run leaves the
+previous output untouched (and starts over when run again). OUT must be new, empty or an
+earlier clean output: a folder holding anything else is refused before any work, since
+replacing it would delete what it holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -43,7 +46,7 @@ from typing import Iterator
 
 import numpy as np
 
-from babyllama.atomic import replace_dir
+from babyllama.atomic import check_output_dir, replace_dir
 from babyllama.batching import batched_by_size
 from babyllama.data import clean_text as ct
 from babyllama.data.dedup import (ExactDedup, MinHashConfig, NearDupIndex, band_keys, exact_key,
@@ -59,6 +62,9 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 EXAMPLES_PER_REASON = 3
 EXAMPLE_CHARS = 160
 BATCH_DOCS, BATCH_CHARS = 512, 2_000_000
+REPORT_FILE = "_report.json"
+# What a clean output directory holds; an -o directory holding anything else is refused.
+OUTPUT_NAMES = re.compile(r"part-\d{5}\.jsonl|_report\.md|_report\.json")
 
 
 @dataclass
@@ -342,11 +348,19 @@ def peak_rss_mb() -> float:
 
 def clean(inputs: list[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None,
           progress: bool = True) -> dict:
-    """Clean and deduplicate `inputs` into `out_dir`; returns the report (also report.json)."""
+    """Clean and deduplicate `inputs` into `out_dir`; returns the report (also _report.json).
+
+    An earlier clean output in `out_dir` is replaced once the new one is complete. Raises
+    UserError, before anything is read, for bad settings, missing inputs and an `out_dir` that
+    holds anything but a clean output (see `atomic.check_output_dir`); and when the inputs
+    hold no documents at all. Every document filtered out is not an error: the report then
+    lists no shards (`report["shards"] == []`, `documents_out == 0`).
+    """
     cfg = cfg or CleanConfig()
     cfg.check()
     files = input_files(list(inputs))
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, REPORT_FILE, OUTPUT_NAMES)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ".work").mkdir(parents=True)
@@ -392,10 +406,14 @@ def _clean_into(tmp: Path, files: list[Path], cfg: CleanConfig, progress: bool) 
             bar.update(result.bytes_in)
             bar.set_postfix_str(f"{stats.documents:,} docs, {kept:,} kept", refresh=False)
     if stats.documents == 0:
-        why = stats.skipped_files[:3] + [f"{n['count']:,} records skipped: {n['examples'][0]}"
-                                         for n in stats.bad_record_reasons.values()]
+        why = stats.skipped_files[:3]
+        if len(stats.skipped_files) > 3:
+            why.append(f"{len(stats.skipped_files) - 3} more files skipped")
+        why += [f"{n['count']:,} records skipped: {n['examples'][0]}"
+                for n in stats.bad_record_reasons.values()]
         skipped = f" ({'; '.join(why)})" if why else ""
-        raise UserError(f"no documents in {', '.join(map(str, files[:3]))}{skipped}")
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        raise UserError(f"no documents in {', '.join(map(str, files[:3]))}{more}{skipped}")
 
     near = index.duplicates(cfg.near_jaccard) if index is not None else None
     drop = set(near.drop.tolist()) if near is not None else set()
@@ -433,8 +451,8 @@ def _clean_into(tmp: Path, files: list[Path], cfg: CleanConfig, progress: bool) 
         "mb_per_s": round(stats.bytes / 2**20 / max(seconds, 1e-9), 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    (tmp / "_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
-                                     encoding="utf-8")
+    (tmp / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                                   encoding="utf-8")
     (tmp / "_report.md").write_text(report_markdown(report), encoding="utf-8")
     return report
 
@@ -478,6 +496,8 @@ def report_markdown(r: dict) -> str:
         lines += ["", "## Examples removed", ""]
         for reason, shown in r["examples"].items():
             lines += [f"**{reason}**", ""] + [f"- {t!r}" for t in shown] + [""]
-    lines += ["", f"Shards: {', '.join(r['shards']) or 'none'}"]
+    # No shards (documents_out == 0) means the filters removed everything: input without any
+    # document is an error before this point, and deduplication always keeps one copy.
+    lines += ["", f"Shards: {', '.join(r['shards']) or 'none (nothing survived the filters)'}"]
     return "\n".join(lines) + "\n"
 

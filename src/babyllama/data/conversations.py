@@ -59,8 +59,10 @@ Choices made once, here:
   `sft_augment`, reproducible from `seed` (see there).
 
 Bad records raise `UserError("file:line: problem")` (`file:record N` in a .json list), or with
-`skip_bad=True` are counted in a `BadRecords`. When no format fits a file, the error says what
-the file holds: its first record's fields, or an object keyed by ids and its values' fields.
+`skip_bad=True` are counted in a `BadRecords`; records of an object keyed by ids written on one
+line are located as `file:1 (id 10303)`. When no format fits a file, the error says what the
+file holds: its first record's fields, an object keyed by ids and its values' fields (or their
+types, when they are not records), one object's fields, or an empty object.
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ def _json_records(path: Path, split: str | None) -> Iterator[Record]:
     for key, items in _record_lists(top, split, path):
         label = f"{key} record" if key is not None else "record"
         for i, record in enumerate(items, 1):
-            yield Record(f"{path}:{label} {i}", record)
+            yield Record(f"{path}:{label} {i}", record, whole=record is top)
 
 
 def _load_split_file(path: Path):
@@ -358,7 +360,7 @@ def _yml_records(path: Path, split: str | None) -> Iterator[Record]:
         if key is None and isinstance(top, dict) and items is top.get("conversations"):
             key = "conversations"  # the chatterbot layout
         for line, record in zip(yaml_item_lines(root, key), items):
-            yield Record(f"{path}:{line}", record, line, line)
+            yield Record(f"{path}:{line}", record, line, line, whole=record is top)
 
 
 def _keyed_rows(rows: Iterator[Record], is_header: Callable[[list[str]], bool]) -> Iterator[Record]:
@@ -468,6 +470,8 @@ def _shape(sample: Sample, first: list[Record]) -> str:
         ids = ", ".join(repr(r.key) for r in first[:3])
         fields = ", ".join(sorted({str(k) for r in first for k in r.value}))
         return f"an object keyed by ids ({ids}, …) whose values have fields: {fields}"
+    if first[0].whole and isinstance(record, dict):
+        return _object_shape(record, sample.kind)
     if isinstance(record, dict):
         return f"first record's fields: {', '.join(map(str, list(record)[:12])) or 'none'}"
     if isinstance(record, list):
@@ -475,6 +479,29 @@ def _shape(sample: Sample, first: list[Record]) -> str:
     if isinstance(record, str) and sample.kind == "txt":
         return f"first line: {record.strip()[:40]!r}"
     return f"first record is {json_type(record)}"
+
+
+def _object_shape(top: dict, kind: str) -> str:
+    """A file that is one object (not a list of records, not records keyed by id), in words."""
+    if not top:
+        return "an empty JSON object" if kind == "json" else "an empty mapping"
+    keys = [str(k) for k in top]
+    # Record ids ({"11290": "...", ...}) whose values are not records: naming the ids as
+    # "fields" would send the user looking for fields that are not there.
+    if all(k.isdigit() for k in keys):
+        ids = ", ".join(repr(k) for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+        return f"an object keyed by ids ({ids}) whose values are {_plural_types(top.values())}"
+    return f"one object with fields: {', '.join(keys[:12])}"
+
+
+_PLURALS = {"an object": "objects", "a list": "lists", "a string": "strings",
+            "a boolean": "booleans", "a number": "numbers", "null": "null"}
+
+
+def _plural_types(values) -> str:
+    """ "strings", "strings and numbers": the JSON types of `values`, in order of appearance."""
+    names = list(dict.fromkeys(_PLURALS.get(json_type(v), json_type(v)) for v in values))
+    return " and ".join(names) if len(names) <= 2 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _text_field(sample: Sample) -> str | None:

@@ -157,15 +157,18 @@ def _json_items(path: Path) -> Iterator[Record]:
 
 
 def _csv_texts(path: Path, text_field: str) -> Iterator[Record]:
+    """The text column of each row. Raises UserError when the header has no such column (a
+    whole file, not a record, so --skip-bad-records does not skip it)."""
     column = None
-    for record in csv_rows(path):
+    rows = csv_rows(path)
+    for record in rows:
         row = record.value
         if isinstance(row, Unreadable):
             yield record
         elif column is None:
             if text_field not in row:
                 raise UserError(f"{path}:1: no column '{text_field}' (columns: {', '.join(row)});"
-                                f" choose one with --text-field")
+                                f" choose one with --text-field{_column_hint(row, rows)}")
             column = row.index(text_field)
         elif column >= len(row):
             record.value = Unreadable(f"row has {len(row)} fields, no value for column "
@@ -174,6 +177,17 @@ def _csv_texts(path: Path, text_field: str) -> Iterator[Record]:
         else:
             record.value = row[column]
             yield record
+
+
+def _column_hint(header: list[str], rows: Iterator[Record]) -> str:
+    """", e.g. --text-field target": the column suggest_text_field picks from the header and
+    the first readable data row, as for a JSON record; by name alone when there is no row."""
+    first = next((r.value for r in rows if isinstance(r.value, list)), None)
+    if first is not None:
+        suggested = suggest_text_field(dict(zip(header, first)))
+    else:
+        suggested = next((name for name in TEXT_LIKE if name in header), None)
+    return f", e.g. --text-field {suggested}" if suggested else ""
 
 
 def _text_of(record: Record, text_field: str, kind: str, report: Reporter) -> str | None:

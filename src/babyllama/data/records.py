@@ -50,13 +50,15 @@ class Record:
     """One record of a file: `value` is what the file holds there (an object, a list, a
     string), or an `Unreadable`. `where` is "file:line" (or "file:record N" where a format
     counts records instead); `line` the first line; `end` the last (a quoted CSV field may span
-    lines); `key` the id of a record inside a JSON object keyed by ids."""
+    lines); `key` the id of a record inside a JSON object keyed by ids; `whole` whether the
+    record is the file's whole value (a .json or .yml holding one object)."""
 
     where: str
     value: Any
     line: int | None = None
     end: int | None = None
     key: str | None = None
+    whole: bool = False
 
 
 def json_type(value) -> str:
@@ -71,11 +73,14 @@ def json_type(value) -> str:
 
 
 class BadRecords:
-    """Counts records skipped under `skip_bad=True`, by reason, with the first examples.
+    """Counts records skipped under `skip_bad=True`, by reason, with examples.
 
     `count` and `locations`/`problems` (the first KEEP, in file order) are what callers and
-    meta.json have always used; `reasons` counts each kind of problem and `examples` keeps the
-    first EXAMPLES "file:line: problem" lines of each, so a report can say why."""
+    meta.json have always used; `reasons` counts each kind of problem and `examples` keeps up
+    to EXAMPLES "file:line: problem" lines of each, so a report can say why. The examples of a
+    reason come from as many files as possible (the first bad record of each file), and only
+    then from the first records: a folder of differently shaped files needs a different fix
+    (a different --text-field) per file, which the first file's examples alone would hide."""
 
     KEEP = 5
     EXAMPLES = 3
@@ -86,6 +91,7 @@ class BadRecords:
         self.problems: list[str] = []   # the matching one-line messages
         self.reasons: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
+        self._example_files: dict[str, list[str]] = {}  # reason -> file of each example
 
     def add(self, location: str, problem: str, reason: str | None = None) -> None:
         self.count += 1
@@ -93,22 +99,41 @@ class BadRecords:
         self.reasons[reason] += 1
         message = f"{location}: {problem}"
         shown = self.examples.setdefault(reason, [])
+        files = self._example_files.setdefault(reason, [])
+        file = file_of(location)
         if len(shown) < self.EXAMPLES:
             shown.append(message)
+            files.append(file)
+        elif file not in files:
+            # A file without an example yet takes the place of the latest example of a file
+            # that has several (never a file's first), so the examples stay in file order.
+            for i in reversed(range(len(files))):
+                if files.count(files[i]) > 1:
+                    del shown[i], files[i]
+                    shown.append(message)
+                    files.append(file)
+                    break
         if len(self.locations) < self.KEEP:
             self.locations.append(location)
             self.problems.append(message)
 
     def summary(self) -> str:
-        """One line: how many were skipped, and per reason how many and the first example."""
+        """One line: how many were skipped, and per reason how many, the first example and the
+        first example of each other file (each with its own suggestion)."""
         if self.count == 0:
             return "no bad records"
-        why = "; ".join(f"{n:,} {reason} (first: {self.examples[reason][0]})"
+        why = "; ".join(f"{n:,} {reason} ({self._first_examples(reason)})"
                         for reason, n in self.reasons.most_common())
         return f"{self.count:,} bad record{'s' if self.count != 1 else ''} skipped: {why}"
 
+    def _first_examples(self, reason: str) -> str:
+        shown, files = self.examples[reason], self._example_files[reason]
+        others = [example for k, example in enumerate(shown)
+                  if k and files[k] not in files[:k]]
+        return f"first: {shown[0]}" + (f"; in other files: {'; '.join(others)}" if others else "")
+
     def report_lines(self) -> list[str]:
-        """Markdown list items: each reason with its count and its first examples."""
+        """Markdown list items: each reason with its count and its examples."""
         lines = []
         for reason, n in self.reasons.most_common():
             lines.append(f"- {n:,} × {reason}, e.g.:")
@@ -120,6 +145,16 @@ class BadRecords:
                 "problems": list(self.problems),
                 "reasons": {reason: {"count": n, "examples": list(self.examples[reason])}
                             for reason, n in self.reasons.most_common()}}
+
+
+# The part of a location after its file: ":12", ": item 3", ":train record 3", ":1 (id 10303)".
+_AFTER_FILE = re.compile(r":(?: ?item \d+|[^:]*record \d+|\d+)(?: \(id .*\))?$")
+
+
+def file_of(location: str) -> str:
+    """The file part of a record's location ("a/b.jsonl:12" -> "a/b.jsonl"); the whole
+    location when it has no recognisable line or record part."""
+    return _AFTER_FILE.sub("", location)
 
 
 _DETAIL = re.compile(r" \(fields?: .*| \(columns?: .*|: .*|; .*")
@@ -268,9 +303,16 @@ def keyed_by_id(top) -> bool:
 
 
 def id_records(path: Path, top: dict) -> Iterator[Record]:
-    """The records of a JSON object keyed by ids, each at its line, its id in `key`."""
-    for line, (key, value) in zip(item_lines(path, top), top.items()):
-        yield Record(f"{path}:{line}", value, line, line, key=str(key))
+    """The records of a JSON object keyed by ids, each at its line, its id in `key`.
+
+    Where several records start on one line (the whole object written on one line, as
+    json.dump writes it by default) the line alone does not tell them apart, so their location
+    names the id too: "file:1 (id 10303)"."""
+    starts = item_lines(path, top)
+    shared = {line for line, n in Counter(starts).items() if n > 1}
+    for line, (key, value) in zip(starts, top.items()):
+        where = f"{path}:{line} (id {key})" if line in shared else f"{path}:{line}"
+        yield Record(where, value, line, line, key=str(key))
 
 
 def csv_rows(path: Path, whole: bool = False) -> Iterator[Record]:
@@ -278,10 +320,13 @@ def csv_rows(path: Path, whole: bool = False) -> Iterator[Record]:
     to the line it ends on; undecodable lines and malformed rows come as Unreadables.
 
     csv.reader reads our decoded lines, so line numbers and encoding errors stay exact even
-    for quoted fields spanning lines."""
+    for quoted fields spanning lines. A quote that is never closed would swallow the rest of
+    the file into one field without a word from csv; that row is an Unreadable ("unclosed
+    quote") instead."""
     # Documents and answers can be far longer than csv's default 128 KiB field limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     unreadable: list[Record] = []
+    ran_out = []  # becomes [True] once csv has asked for a line past the last one
 
     def text_lines():
         for record in lines(path, whole):
@@ -290,6 +335,7 @@ def csv_rows(path: Path, whole: bool = False) -> Iterator[Record]:
                 yield "\n"  # keeps csv's line count in step with the file
             else:
                 yield record.value + "\n"
+        ran_out.append(True)
 
     reader = csv.reader(text_lines())
     while True:
@@ -301,6 +347,12 @@ def csv_rows(path: Path, whole: bool = False) -> Iterator[Record]:
             return
         except csv.Error as e:
             row = Unreadable(f"malformed CSV: {e}", "malformed CSV")
+        if ran_out and not isinstance(row, Unreadable):
+            # Every line fed to csv ends in a newline, which ends a row unless it is inside
+            # quotes; so a row that csv finished only because the lines ran out was still in
+            # a quoted field (csv's non-strict mode returns it rather than raising).
+            row = Unreadable("unclosed quote (the quoted field runs to the end of the file)",
+                             "unclosed quote")
         yield from unreadable
         unreadable.clear()
         if isinstance(row, Unreadable) or any(cell.strip() for cell in row):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from array import array
@@ -32,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from babyllama.atomic import replace_dir
+from babyllama.atomic import check_output_dir, replace_dir
 from babyllama.batching import batched_by_size
 from babyllama.data.readers import BadRecords, as_source_list, iter_sources, require_documents
 from babyllama.errors import UserError
@@ -49,6 +50,8 @@ BUFFER_TOKENS = 1 << 20
 # the few batches in flight stay a few MB.
 BATCH_DOCS = 512
 BATCH_CHARS = 1 << 20
+# What a prepared dataset directory holds; an -o directory holding anything else is refused.
+DATASET_NAMES = re.compile(r"meta\.json|tokenizer|(?:train|val)_\d{5}\.(?:bin|idx\.npy)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +65,12 @@ def prepare(sources, tokenizer, out_dir, *, val_fraction: float = 0.01, workers:
 
     `tokenizer` is a `babyllama.tokenizer.Tokenizer` or a path `Tokenizer.load` accepts.
     A document goes to the validation split when a hash of (seed, document index) falls below
-    `val_fraction`, so the split does not depend on the number of workers.
+    `val_fraction`, so the split does not depend on the number of workers. An earlier dataset
+    in `out_dir` is replaced only once the new one is complete.
+
+    Raises UserError, before anything is read or written, for bad settings and for an
+    `out_dir` that holds anything but a prepared dataset (see `atomic.check_output_dir`); then for
+    bad input (see `iter_documents`) and an empty corpus.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -70,6 +78,7 @@ def prepare(sources, tokenizer, out_dir, *, val_fraction: float = 0.01, workers:
         raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
     sources = as_source_list(sources)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, META_FILE, DATASET_NAMES)
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)

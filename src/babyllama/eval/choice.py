@@ -26,6 +26,7 @@ from a separate shots file. Files are read by `babyllama.data.records`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,12 @@ def subject_name(subject: str, ceval: bool = False) -> str:
 def make_question(at: str, subject: str, question, options: list, answer,
                   passage=None) -> Question:
     """Validate one record. `answer`: a letter, a 0-based index, or the text of an option.
-    `passage`: a string, a list of lines, or None."""
+    `passage`: a string, a list of lines, or None.
+
+    Raises UserError "at: problem" for an empty question, too few or too many options, an
+    empty option, no answer, an answer of another type (true, 1.5), an index or letter outside
+    the options, and an answer that is the text of two identical options (which one is meant
+    cannot be told)."""
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{at}: the question is empty")
     if not 2 <= len(options) <= len(LETTERS):
@@ -153,6 +159,12 @@ def make_question(at: str, subject: str, question, options: list, answer,
         index = answer
     elif isinstance(answer, str) and answer.strip():
         letter = answer.strip().upper()
+        same = [i for i, t in enumerate(texts) if t == answer.strip()]
+        if len(same) > 1:
+            named = ", ".join(letters[i] for i in same[:-1]) + f" and {letters[same[-1]]}"
+            raise UserError(f"{at}: answer '{answer.strip()}' is ambiguous: options {named} are "
+                            f"{'both' if len(same) == 2 else 'all'} '{texts[same[0]]}'; "
+                            f"make the options differ")
         if letter in letters:
             index = letters.index(letter)
         elif answer.strip() in texts:  # the answer written out, as C3 gives it
@@ -160,9 +172,12 @@ def make_question(at: str, subject: str, question, options: list, answer,
         else:
             raise UserError(f"{at}: answer '{answer.strip()}' is not one of the options "
                             f"{letters[0]}-{letters[-1]}")
-    else:
+    elif answer is None or isinstance(answer, str):
         raise UserError(f"{at}: no answer (a split without answers, like C-Eval's test, "
                         "cannot be scored)")
+    else:
+        raise UserError(f"{at}: answer must be a letter, a 0-based index or the option's text, "
+                        f"got {json.dumps(answer, ensure_ascii=False)}")
     return Question(subject, question.strip(), texts, index, at, passage_text(at, passage))
 
 
@@ -193,7 +208,12 @@ def csv_columns(path: Path, header: list[str]) -> tuple[int, int, list[int]]:
 
 
 def bad_csv(record: Record) -> str:
-    return f"bad CSV ({record.value.problem.removeprefix('malformed CSV: ')})"
+    """How an unreadable CSV row is worded: "bad CSV (...)" for what csv itself rejects; the
+    reader's own problems (not UTF-8, an unclosed quote) are worded well already."""
+    problem = record.value.problem
+    if record.value.reason == "malformed CSV":
+        return f"bad CSV ({problem.removeprefix('malformed CSV: ')})"
+    return problem
 
 
 def csv_questions(path: Path, subject: str) -> list[Question]:
@@ -238,8 +258,8 @@ def object_questions(path: Path, subject: str) -> list[Question]:
         else:
             keys = {k.upper(): k for k in rec if len(k) == 1 and k.isalpha()}
             if not keys or sorted(keys) != list(LETTERS[:len(keys)]):
-                raise UserError(f"{at}: give the options as 'choices': [...] or keys A, B, ... "
-                                "consecutive from A")
+                raise UserError(f"{at}: give the options as 'choices': [...] (or 'options', "
+                                "'choice', 'candidates') or keys A, B, ... consecutive from A")
             options = [rec[keys[c]] for c in sorted(keys)]
         passage = next((rec[k] for k in PASSAGE_FIELDS if k in rec), None)
         questions.append(make_question(at, str(rec.get("subject") or subject), rec.get("question"),

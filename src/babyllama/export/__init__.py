@@ -9,9 +9,11 @@ Each is proven to give our model's outputs by a test against the tool that reads
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from babyllama.atomic import check_output_dir
 from babyllama.errors import UserError
 from babyllama.export.gguf import write_gguf
 from babyllama.export.hf import write_hf, write_model_files
@@ -24,6 +26,11 @@ DTYPES: dict[str, tuple[str, ...]] = {
     "gguf": ("f16", "f32", "q8_0"),
     "onnx": ("f32",),
 }
+
+
+# The file that marks a directory as an earlier export of the format (gguf writes one file).
+EXPORT_MARKERS = {"hf": "config.json", "onnx": "model.onnx"}
+ANY_NAME = re.compile(r".*", re.DOTALL)
 
 
 @dataclass
@@ -57,6 +64,10 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = N
     """Write the run (or transformers directory) `run` in format `fmt` to `out`."""
     dtype = check_export_options(fmt, dtype)
     run, out = Path(run), Path(out)
+    if fmt in EXPORT_MARKERS:
+        # An export writes files into `out` without deleting any: refuse a folder of other
+        # things, whose files would be listed as exported; an earlier export is rewritten.
+        check_output_dir(out, EXPORT_MARKERS[fmt], ANY_NAME)
     src = load_export_source(run, merge=merge)
     if fmt == "hf":
         warnings = write_hf(src.model, src.tokenizer, out, dtype=dtype, chat=src.chat)

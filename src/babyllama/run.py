@@ -253,6 +253,14 @@ class Run:
                 return d
         return None
 
+    def check_training_start(self, resume: bool, max_steps: int) -> None:
+        """Before a training stage starts here: a new run must not overwrite one
+        (`refuse_overwrite`), a resumed one must not be behind its step (`check_resume_length`)."""
+        if resume:
+            self.check_resume_length(max_steps)
+        else:
+            self.refuse_overwrite()
+
     def resume_step(self) -> int | None:
         """The optimizer step the resume state was saved at, or None without one."""
         d = self.resume_dir()

@@ -48,10 +48,7 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     if not cfg.data:
         raise UserError("no data: pass --data DIR (a directory made by `babyllama prepare`)")
     run = Run(cfg.out_dir)
-    if resume:
-        run.check_resume_length(cfg.train.max_steps)
-    else:
-        run.refuse_overwrite()
+    run.check_training_start(resume, cfg.train.max_steps)
     check(cfg)
     # Saved absolute, so `--resume` works from any working directory.
     cfg = copy_config(cfg, data=str(Path(cfg.data).resolve()),

@@ -141,10 +141,7 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
     """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
     follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
     run = Run(cfg.out_dir)
-    if resume:
-        run.check_resume_length(cfg.train.max_steps)
-    else:
-        run.refuse_overwrite()
+    run.check_training_start(resume, cfg.train.max_steps)
     check(cfg)
     base = Run(cfg.sft.base)
     base.require_trained()

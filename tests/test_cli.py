@@ -235,3 +235,30 @@ def test_missing_data_and_empty_corpora_are_named(tmp_path, capsys):
     empty.write_text("\n", encoding="utf-8")
     assert main(["tokenizer", "train", str(empty), "--vocab-size", "300", "-o", str(tmp_path / "tok")]) == 2
     assert "empty corpus" in capsys.readouterr().err and not (tmp_path / "tok").exists()
+
+
+def test_resume_says_a_restated_preset_or_config_file_is_not_read(tmp_path, capsys):
+    """`pretrain --preset P ... --resume` (the original command restated) continues the run with
+    its own config.yaml, and says so rather than ignoring the preset without a word."""
+    from babyllama.cli import build_parser
+    from babyllama.cli.pretrain import build_config
+    from babyllama.config import load_config
+    from babyllama.run import Run
+
+    saved = load_config("demo-cpu", ["model.hidden_size=64", "train.max_steps=40"])
+    Run(tmp_path / "run").write_config(saved)
+    args = build_parser().parse_args(["pretrain", "--preset", "43m", "-o", str(tmp_path / "run"),
+                                      "--resume", "train.max_steps=50"])
+    cfg = build_config(args)
+    assert cfg.model.hidden_size == 64 and cfg.train.max_steps == 50
+    assert "note: --preset 43m is not read when resuming" in capsys.readouterr().err
+
+
+def test_overrides_after_sft_data_files_are_overrides_not_files():
+    """argparse hands `--data a.json train.max_steps=8` both words; the override must not be
+    taken for a file (nor be dropped on --resume)."""
+    from babyllama.cli.runs import split_overrides
+
+    assert split_overrides(["a.json", "dir/b=c.jsonl", "train.max_steps=8", "sft.epochs=2"]) == (
+        ["a.json", "dir/b=c.jsonl"], ["train.max_steps=8", "sft.epochs=2"])
+    assert split_overrides(None) == ([], [])

@@ -440,3 +440,16 @@ def test_an_unclosed_quote_in_an_exam_csv_names_its_row(tmp_path):
     with pytest.raises(UserError, match=r"agronomy\.csv:5: unclosed quote \(the quoted field runs "
                                         r"to the end of the file\)$"):
         load_exam(tmp_path / "d")
+
+
+def test_an_answer_given_by_letter_whose_text_is_another_option_too_is_refused():
+    """Identical options score identically in cloze: with the answer among them, accuracy
+    would depend on which one the tie goes to. Duplicates that are not the answer stay fine
+    (real CMMLU has A = C with answer B)."""
+    from babyllama.eval.choice import make_question
+
+    with pytest.raises(UserError, match=r"the answer A \('2'\) is also option B"):
+        make_question("q.jsonl:1", "s", "1+1=?", ["2", "2", "3", "4"], "A")
+    with pytest.raises(UserError, match="is also option B"):
+        make_question("q.jsonl:1", "s", "1+1=?", ["2", "2", "3", "4"], 0)
+    assert make_question("q.jsonl:1", "s", "1+1=?", ["1", "2", "1", "4"], "B").answer == 1

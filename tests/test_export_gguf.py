@@ -501,3 +501,24 @@ def test_llama_cpp_runs_q8_0_files_close_to_our_logits(shape, tiny_tokenizer, tm
     scale = np.abs(ours).max()
     np.testing.assert_allclose(logits, ours, atol=0.15 * scale, rtol=0)
     assert np.abs(logits - ours).mean() < 0.02 * scale
+
+
+def test_gguf_export_never_replaces_a_file_that_is_not_gguf(tmp_path):
+    """`-o notes.gguf` over a user's file, or `-o file.txt` (a file where a folder is meant),
+    is a one-line error before the model loads; an earlier .gguf may be rewritten."""
+    from babyllama.export import gguf_path
+
+    run = tmp_path / "run"
+    notes = tmp_path / "notes.gguf"
+    notes.write_bytes(b"precious")
+    with pytest.raises(UserError, match="notes.gguf: exists and is not a GGUF file"):
+        gguf_path(notes, run, "f16")
+    doc = tmp_path / "mydoc.txt"
+    doc.write_bytes(b"precious")
+    for out in (doc, doc / "x.gguf"):
+        with pytest.raises(UserError, match="mydoc.txt: exists and is not a directory"):
+            gguf_path(out, run, "f16")
+    earlier = tmp_path / "m.gguf"
+    earlier.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert gguf_path(earlier, run, "f16") == earlier
+    assert gguf_path(tmp_path / "dir", run, "q8_0") == tmp_path / "dir" / "run-q8_0.gguf"

@@ -391,13 +391,22 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
     return resolve_config("pretrain", preset=preset, overrides=overrides)
 
 
-def resume_config(saved: RunConfig, overrides: list[str] | None, out_dir: str) -> RunConfig:
+# Set from the data when a run starts (the tokenizer's vocabulary), whatever a preset says.
+DERIVED_KEYS = {"model.vocab_size"}
+
+
+def resume_config(saved: RunConfig, overrides: list[str] | dict | None, out_dir: str) -> RunConfig:
     """The saved config of a run being resumed from `out_dir`, with the overrides allowed on
-    resume (RESUME_KEYS). Raises UserError naming the first key that may not change."""
+    resume (RESUME_KEYS); `overrides` as strings or nested values (the SFT flags). Keys
+    derived from the data (DERIVED_KEYS) keep the run's values. Raises UserError naming the
+    first key that may not change."""
     cfg = copy_config(saved, out_dir=out_dir)  # the run may have moved: trust the path given now
     if overrides:
-        values = parse_overrides(overrides)
+        values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         apply_values(cfg, values)
+        for key in DERIVED_KEYS:
+            section, _, name = key.partition(".")
+            setattr(getattr(cfg, section), name, dotted_get(saved, key))
         # Repeating the original command with --resume restates its settings: a key outside
         # RESUME_KEYS is refused only when its value would actually change.
         for key in sorted(dotted_keys(values)):

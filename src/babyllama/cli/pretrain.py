@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from babyllama.cli.runs import add_run_args, resume_config
 
 
@@ -28,6 +30,12 @@ def build_config(args):
 
     paths = {k: v for k, v in (("data", args.data), ("tokenizer", args.tokenizer)) if v}
     if args.resume:
+        if args.preset or args.config:
+            # Re-running the original command with --resume is the natural way to continue, so
+            # the preset is accepted, but its settings are the run's already: say it is unread.
+            flag = f"--preset {args.preset}" if args.preset else f"-c {args.config}"
+            print(f"note: {flag} is not read when resuming: the run continues with "
+                  f"{args.out}/config.yaml (train.max_steps=N makes it longer)", file=sys.stderr)
         return copy_config(resume_config(args), **paths)
     values = parse_overrides(args.overrides)
     values.update(paths, out_dir=args.out)

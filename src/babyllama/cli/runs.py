@@ -4,6 +4,7 @@ overrides, and the saved config a resumed run continues with."""
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -13,10 +14,24 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
-def resume_config(args):
-    """The saved config of the run in --out, with the few overrides that may change on resume
-    (`config.RESUME_KEYS`)."""
+def resume_config(args, values: dict | None = None):
+    """The saved config of the run in --out, with the command's settings (`values`, default:
+    its KEY=VALUE overrides) checked against it: only `config.RESUME_KEYS` may change, the
+    rest may be restated. Paths and the run directory are the flags' business, not compared."""
     from babyllama import config
     from babyllama.run import Run
 
-    return config.resume_config(Run(args.out).config(), args.overrides, args.out)
+    values = dict(config.parse_overrides(args.overrides) if values is None else values)
+    for key in ("out_dir", "data", "tokenizer", "preset"):
+        values.pop(key, None)
+    return config.resume_config(Run(args.out).config(), values, args.out)
+
+
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*=.*", re.DOTALL)
+
+
+def split_overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """(files, KEY=VALUE overrides) of a multi-value flag: `--data a.json train.lr=1e-3`
+    hands argparse's `--data` both, since it takes every word up to the next flag."""
+    items = items or []
+    return [i for i in items if not OVERRIDE.fullmatch(i)], [i for i in items if OVERRIDE.fullmatch(i)]

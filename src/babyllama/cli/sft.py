@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from babyllama.cli.runs import add_run_args, resume_config
+from pathlib import Path
+
+from babyllama.cli.runs import add_run_args, resume_config, split_overrides
 from babyllama.errors import UserError
 
 
@@ -36,13 +38,22 @@ def add_parser(subparsers) -> None:
 def cmd_sft(args) -> None:
     from babyllama.config import parse_overrides
     from babyllama.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from babyllama.run import LOSS_PLOT, METRICS, SAMPLES, WEIGHTS
-    from babyllama.train.sft import run_sft, sft_config
+    from babyllama.run import LOSS_PLOT, METRICS, SAMPLES, WEIGHTS, Run
+    from babyllama.train.sft import absolute_source, run_sft, sft_config
 
+    args.data, more = split_overrides(args.data)
+    args.overrides = list(args.overrides or []) + more
     if args.resume:
-        cfg = resume_config(args)
-        if cfg.stage != "sft":
-            raise UserError(f"{args.out}: is a {cfg.stage} run; resume it with `babyllama {cfg.stage}`")
+        stage = Run(args.out).config().stage
+        if stage != "sft":
+            raise UserError(f"{args.out}: is a {stage} run; resume it with `babyllama {stage}`")
+        # The SFT flags restate the run's settings (checked, never silently ignored).
+        values = sft_overrides(args, parse_overrides(args.overrides))
+        if "sources" in values["sft"]:
+            values["sft"]["sources"] = [absolute_source(s) for s in values["sft"]["sources"]]
+        if args.base:
+            values["sft"]["base"] = str(Path(args.base).resolve())
+        cfg = resume_config(args, values)
     else:
         if not args.base:
             raise UserError("pass --base RUN (the pretrained run to fine-tune)")

@@ -423,6 +423,8 @@ class TokenShards:
 
 def _read_meta(directory: Path) -> dict:
     meta_path = directory / META_FILE
+    if directory.is_file():
+        raise UserError(f"{directory}: a file, not a dataset; run `babyllama prepare` on it first")
     if not directory.is_dir():
         raise UserError(f"{directory}: no such directory (expected a dataset made by prepare)")
     if not meta_path.is_file():

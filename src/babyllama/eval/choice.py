@@ -178,6 +178,12 @@ def make_question(at: str, subject: str, question, options: list, answer,
     else:
         raise UserError(f"{at}: answer must be a letter, a 0-based index or the option's text, "
                         f"got {json.dumps(answer, ensure_ascii=False)}")
+    twins = [letters[i] for i, t in enumerate(texts) if t == texts[index] and i != index]
+    if twins:
+        # Cloze scoring gives identical options identical log-likelihoods: the tie would be
+        # scored as right or wrong by position alone.
+        raise UserError(f"{at}: the answer {letters[index]} ('{texts[index]}') is also option "
+                        f"{', '.join(twins)}; make the options differ")
     return Question(subject, question.strip(), texts, index, at, passage_text(at, passage))
 
 

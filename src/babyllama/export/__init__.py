@@ -55,8 +55,20 @@ def check_export_options(fmt: str, dtype: str | None) -> str:
 
 
 def gguf_path(out: Path, run: Path, dtype: str) -> Path:
-    """`-o` names the file (ending .gguf) or a directory to put RUN-DTYPE.gguf in."""
-    return out if out.suffix == ".gguf" else out / f"{run.resolve().name}-{dtype}.gguf"
+    """`-o` names the file (ending .gguf) or a directory to put RUN-DTYPE.gguf in. Raises
+    UserError where that would replace a file that is not a GGUF file (or needs a directory
+    where a file is)."""
+    path = out if out.suffix == ".gguf" else out / f"{run.resolve().name}-{dtype}.gguf"
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent}: exists and is not a directory; choose another -o")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; name a .gguf file or a folder to put it in")
+    if path.exists():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":  # the magic every GGUF file starts with
+                raise UserError(f"{path}: exists and is not a GGUF file; choose another -o")
+    return path
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = None,
@@ -68,12 +80,12 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = N
         # An export writes files into `out` without deleting any: refuse a folder of other
         # things, whose files would be listed as exported; an earlier export is rewritten.
         check_output_dir(out, EXPORT_MARKERS[fmt], ANY_NAME)
+    path = gguf_path(out, run, dtype) if fmt == "gguf" else out  # checked before the model loads
     src = load_export_source(run, merge=merge)
     if fmt == "hf":
         warnings = write_hf(src.model, src.tokenizer, out, dtype=dtype, chat=src.chat)
         return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)
     if fmt == "gguf":
-        path = gguf_path(out, run, dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         result = write_gguf(src.model, src.tokenizer, path, dtype=dtype,
                             name=run.resolve().name, chat=src.chat)

@@ -23,7 +23,7 @@ from babyllama.device import pick_device
 from babyllama.infer.config import DECODING_DEFAULTS
 from babyllama.llm import load
 from babyllama.model.llama import Llama
-from babyllama.run import Run
+from babyllama.run import LOSS_PLOT, METRICS, SAMPLES, Run
 from babyllama.tokenizer import Tokenizer, train_tokenizer
 from babyllama.train.pretrain import run_pretrain
 from babyllama.train.sft import run_sft, sft_config
@@ -143,7 +143,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
         answer = "".join(session.send(text, max_new_tokens=60, seed=i))  # chat's other defaults
         print(f"你> {text}\n助手> {answer.strip()}")
     print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} minutes")
-    print(f"pretrained run: {run_dir}  (loss.png, samples.txt, metrics.jsonl)")
+    print(f"pretrained run: {run_dir}  ({LOSS_PLOT}, {SAMPLES}, {METRICS})")
     print(f"chat run:       {sft_dir}")
     print(f"try:            babyllama chat {sft_dir}")
     print(f"                babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")

@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
 
 def cmd_import(args) -> None:
     from babyllama.export.hf import import_hf
+    from babyllama.run import CONFIG, TOKENIZER, WEIGHTS
 
     out = import_hf(args.src, args.out)
-    print(f"imported {args.src} -> {out} (config.yaml, model.safetensors, tokenizer/): "
+    print(f"imported {args.src} -> {out} ({CONFIG}, {WEIGHTS}, {TOKENIZER}/): "
           f"`babyllama generate {out}`, `babyllama sft` with sft.base={out}")

@@ -27,6 +27,7 @@ def build_config(args):
     """The run's config from the flags: --data, --tokenizer and --out are overrides like any
     `section.key=value` (on --resume, only paths and the RESUME_KEYS may change)."""
     from babyllama.config import copy_config, load_config, parse_overrides
+    from babyllama.run import Run
 
     paths = {k: v for k, v in (("data", args.data), ("tokenizer", args.tokenizer)) if v}
     if args.resume:
@@ -35,7 +36,7 @@ def build_config(args):
             # the preset is accepted, but its settings are the run's already: say it is unread.
             flag = f"--preset {args.preset}" if args.preset else f"-c {args.config}"
             print(f"note: {flag} is not read when resuming: the run continues with "
-                  f"{args.out}/config.yaml (train.max_steps=N makes it longer)", file=sys.stderr)
+                  f"{Run(args.out).config_file} (train.max_steps=N makes it longer)", file=sys.stderr)
         return copy_config(resume_config(args), **paths)
     values = parse_overrides(args.overrides)
     values.update(paths, out_dir=args.out)

@@ -230,11 +230,12 @@ def test_sft_and_chat_cli(base_run, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("《恋恋笔记本》是2004年的一部爱情片。", encoding="utf-8")
     long = "很长的问题" * 40
-    script = (f"/system 助手\n你好\n/doc {doc}\n哪年？\n/doc /no/such/file\n/reset\n{long}\n你好\n/quit\n")
+    script = (f"/system 助手\n你好\n/doc {doc}\n哪年？\n/doc /no/such/file\n/foo\n/reset\n{long}\n你好\n/quit\n")
     repl = run_cli("chat", str(out), "--max-new-tokens", "6", input=script)
     assert repl.returncode == 0, repl.stderr[-2000:]
     assert "system prompt set" in repl.stdout and "document loaded" in repl.stdout
     assert "conversation cleared" in repl.stdout and "no such file" in repl.stdout
+    assert "(unknown command /foo)" in repl.stdout and "not a chat model" not in repl.stderr
     assert "(error: chat: the last message (with the system prompt and template) is" in repl.stdout  # reported, and the REPL goes on
     assert repl.stdout.count("助手> ") == 4
     assert "Traceback" not in repl.stderr
@@ -405,3 +406,10 @@ def test_several_adapters_on_one_base_switch_by_name(base_run, tmp_path):
     assert repl.returncode == 0, repl.stderr[-2000:]
     assert "(now using g)" in repl.stdout and "(now using the base model)" in repl.stdout
     assert "no adapter named 'nope'" in repl.stdout
+
+
+def test_chat_with_a_pretrained_run_says_it_is_not_a_chat_model(base_run):
+    """A base run only continues text: chat still runs, but says why answers will not come."""
+    once = run_cli("chat", str(base_run), "--prompt", "你好", "--max-new-tokens", "4", "--seed", "0")
+    assert once.returncode == 0, once.stderr[-2000:]
+    assert "is not a chat model" in once.stderr

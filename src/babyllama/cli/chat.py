@@ -28,8 +28,13 @@ def add_parser(subparsers) -> None:
 
 def cmd_chat(args) -> None:
     from babyllama.llm import load
+    from babyllama.run import Run
 
     llm = load(args.run, device=args.device)
+    if not args.adapter and not Run(args.run).chats():
+        print(f"note: {args.run} is not a chat model (no SFT, no chat template in a transformers "
+              "directory): it continues the rendered prompt as text; `babyllama sft` makes one that "
+              "answers", file=sys.stderr)
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
         llm.add_adapter(path if sep else spec, name if sep else None)
@@ -77,6 +82,8 @@ def cmd_chat(args) -> None:
                     continue
                 print(f"(now using {llm.adapter or 'the base model'})")
             else:
+                if cmd != "/help":
+                    print(f"(unknown command {cmd})")
                 print(CHAT_HELP)
             continue
         sys.stdout.write("助手> ")

@@ -18,7 +18,7 @@ import torch
 
 from babyllama.config import copy_config, derive_schedule, load_config, resume_config
 from babyllama.data.readers import iter_documents
-from babyllama.data.shards import TokenShards, prepare
+from babyllama.data.shards import META_FILE, TOKENIZER_DIR, TokenShards, prepare
 from babyllama.device import pick_device
 from babyllama.infer.config import DECODING_DEFAULTS
 from babyllama.llm import load
@@ -94,7 +94,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"({time.perf_counter() - t0:.0f}s)")
 
     t0 = stage("2/5 prepare: tokenize into uint16 shards with a validation split")
-    if (data_dir / "meta.json").exists() and (data_dir / "tokenizer").exists():
+    if (data_dir / META_FILE).exists() and (data_dir / TOKENIZER_DIR).exists():
         print(f"reusing {data_dir}")
     else:
         prepare(CORPORA, tok, data_dir, val_fraction=0.005)  # also saves data_dir/tokenizer

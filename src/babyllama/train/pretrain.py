@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from babyllama.config import RunConfig, check, copy_config
-from babyllama.data.shards import TokenShards
+from babyllama.data.shards import TOKENIZER_DIR, TokenShards
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
-from babyllama.run import TOKENIZER, Run
+from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.batches import PretrainBatches, validation_windows
 from babyllama.train.distributed import cleanup, init_distributed
@@ -25,7 +25,7 @@ def find_tokenizer(cfg: RunConfig) -> str:
     """--tokenizer, else the tokenizer `babyllama prepare` saved next to the data."""
     if cfg.tokenizer:
         return cfg.tokenizer
-    candidate = Path(cfg.data) / TOKENIZER  # `babyllama prepare` saves the tokenizer it used
+    candidate = Path(cfg.data) / TOKENIZER_DIR  # `babyllama prepare` saves the tokenizer it used
     if candidate.exists():
         return str(candidate)
     raise UserError(f"{cfg.data}: no tokenizer/ next to the prepared data; pass --tokenizer PATH")

@@ -14,7 +14,7 @@ PACKAGE = Path(babyllama.__file__).parent
 LAYERS = [  # lowest first
     {"errors", "atomic", "textfile", "batching", "device"},
     {"model"}, {"lora"}, {"config"}, {"tokenizer"}, {"data"}, {"run"},
-    {"infer"}, {"eval"}, {"train", "export"}, {"llm"}, {"demo"}, {"cli", "__init__", "__main__"},
+    {"infer"}, {"eval"}, {"train", "export"}, {"llm"}, {"serve"}, {"demo"}, {"cli", "__init__", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

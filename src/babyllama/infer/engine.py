@@ -86,8 +86,32 @@ class Batch:
         self.padded = bool(self.pad.any())
         self.logits = self.logits[index]
 
+    def extend(self, other: "Batch", room: int) -> None:
+        """Append the rows of `other` (prompts prefilled on their own) after this batch's rows:
+        continuous batching's join. Both caches are right-aligned at the later position, the
+        rows that moved gaining left padding; `room` positions are left free for decoding."""
+        shift_self, shift_other = self.cache.join(other.cache, max(self.cache.pos, other.cache.pos) + room)
+        self.pad = torch.cat([self.pad + shift_self, other.pad + shift_other])
+        self.padded = bool(self.pad.any())
+        self.logits = torch.cat([self.logits, other.logits])
+        self.compact()
+
+    def compact(self) -> None:
+        """Drop the leading cache columns that are padding in every row (after the row that
+        started first has left): a view, so a long-running batch needs no more than the
+        longest row's positions."""
+        if self.pad.numel():
+            front = int(self.pad.min())
+            if front:
+                self.cache.drop_front(front)
+                self.pad = self.pad - front
+                self.padded = bool(self.pad.any())
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ((rows,) tensor); the next logits, (rows, vocab)."""
+        """Feed one token per row ((rows,) tensor); the next logits, (rows, vocab). A cache
+        that is full (a continuously batched one) grows by 64 positions first."""
+        if self.cache.pos >= self.cache.max_len:
+            self.cache.grow(self.cache.pos + 64)
         mask = positions = None
         if self.padded:
             keys = torch.arange(self.cache.pos + 1, device=tokens.device)

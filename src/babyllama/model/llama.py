@@ -146,6 +146,46 @@ class KVCache:
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
 
+    def drop_front(self, n: int) -> None:
+        """Forget the first `n` positions of every row (columns no row uses any more: the left
+        padding of a continuously batched cache). A view, not a copy: later positions move to
+        the front and `pos` goes back by `n`."""
+        self.k, self.v = self.k[:, :, :, n:], self.v[:, :, :, n:]
+        self.pos -= n
+        self.max_len -= n
+
+    def join(self, other: "KVCache", max_len: int) -> tuple[int, int]:
+        """Append `other`'s rows (after this cache's), right-aligned at the later of the two
+        positions, in new tensors of `max_len` positions. Returns how many positions this
+        cache's rows and `other`'s moved right (the left padding each gained). Raises
+        ValueError when the filled positions do not fit `max_len`."""
+        pos = max(self.pos, other.pos)
+        if pos > max_len:
+            raise ValueError(f"{pos} filled positions do not fit {max_len}")
+        shape = list(self.k.shape)
+        shape[1] += other.k.size(1)
+        shape[3] = max_len
+        k = self.k.new_zeros(shape)
+        v = self.v.new_zeros(shape)
+        rows = self.k.size(1)
+        shifts = pos - self.pos, pos - other.pos
+        for (start, end), cache, shift in zip(((0, rows), (rows, shape[1])), (self, other), shifts):
+            k[:, start:end, :, shift:pos] = cache.k[:, :, :, :cache.pos]
+            v[:, start:end, :, shift:pos] = cache.v[:, :, :, :cache.pos]
+        self.k, self.v, self.pos, self.max_len = k, v, pos, max_len
+        return shifts
+
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions in new tensors (the filled ones copied)."""
+        if max_len <= self.max_len:
+            return
+        shape = list(self.k.shape)
+        shape[3] = max_len
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos]
+        v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos]
+        self.k, self.v, self.max_len = k, v, max_len
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):

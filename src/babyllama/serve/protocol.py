@@ -1,0 +1,200 @@
+"""The OpenAI API's request bodies (chat completions and completions) as pydantic models, read
+the way OpenAI's own server reads them: strict types (a string is not a number), OpenAI's
+ranges, and an OpenAI-shaped error, `{"error": {"message", "type", "param", "code"}}`, for
+anything wrong. Extra sampling fields are those vLLM accepts (`top_k`, `min_p`,
+`repetition_penalty`); unknown fields are ignored with a log line, as vLLM does, since apps
+send fields of newer API versions. Fields that would change the answer in ways we cannot
+(tools, JSON mode, logit bias, echo) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from babyllama.errors import UserError
+from babyllama.infer.config import GenerationConfig, decoding_defaults
+
+log = logging.getLogger("babyllama.serve")
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's error object with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class Sampling(BaseModel):
+    """The fields both endpoints share."""
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    seed: StrictInt | None = None
+    # vLLM's extra sampling fields (-1 or 0 turn top-k off, as in vLLM).
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] | None = None
+    user: StrictStr | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def generation_config(self, kind: str, max_tokens: int | None) -> GenerationConfig:
+        """These settings over the DECODING_DEFAULTS row `kind` ("chat" or "plain"): the
+        defaults a request leaves out are the model's own, as vLLM applies a model's
+        generation_config.json (our transformers export writes the same rows there)."""
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        settings: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+                     "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                settings[name] = value
+        if self.top_k is not None:
+            settings["top_k"] = max(self.top_k, 0)
+        if max_tokens is not None:
+            settings["max_new_tokens"] = max_tokens
+        if self.stop:
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            if any(not s for s in stops):
+                raise APIError(400, "stop strings must not be empty", param="stop")
+            settings["stop"] = tuple(stops)
+        settings["num_return_sequences"] = self.n
+        try:
+            return decoding_defaults(kind, **settings)
+        except UserError as e:
+            raise APIError(400, str(e)) from None
+
+    def include_usage(self) -> bool:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def ignored(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # OpenAI's newer name for the system role is "developer".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    # Grounded chat: a reference passage the chat template puts before the conversation.
+    document: StrictStr | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    def check(self) -> None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} (function calling) is not supported", param=name)
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported",
+                           param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.messages[-1].role != "user":
+            raise APIError(400, "the last message must be the user's", param="messages")
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top(self) -> int | None:
+        """The log-prob alternatives per token, or None when log-probs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(Sampling):
+    prompt: StrictStr | list[StrictStr]
+    # The legacy API's log-probs: the number of alternatives per token (0-5).
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    def check(self) -> None:
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of is not supported (use n)", param="best_of")
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise APIError(400, "give one prompt per request (a list must hold exactly one string)",
+                           param="prompt")
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def parse(body: bytes, model: type[Sampling]) -> Sampling:
+    """Validate a request body; APIError(400) naming the field and the problem."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise APIError(400, f"the body is not valid JSON{where}: {getattr(e, 'msg', e)}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as e:
+        raise APIError(400, "; ".join(describe(err) for err in e.errors()[:5]),
+                       param=".".join(str(p) for p in e.errors()[0]["loc"])) from None
+    if request.ignored():
+        log.info("ignored request fields: %s", ", ".join(request.ignored()))
+    request.check()
+    return request
+
+
+def describe(err: dict) -> str:
+    """One pydantic error as `field: problem (got value)`, the union's alternatives folded."""
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("constrained-", "function-"))
+                   and p not in ("str", "int", "float", "list[str]", "list[TextPart]", "bool"))
+    value = err.get("input")
+    got = "" if err["type"] == "missing" else f" (got {json.dumps(value, ensure_ascii=False)[:60]})"
+    return f"{loc or 'body'}: {err['msg']}{got}"

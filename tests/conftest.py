@@ -95,3 +95,84 @@ def cli_env() -> dict:
 
 def babyllama_cmd() -> list[str]:
     return [sys.executable, "-m", "babyllama.cli"]
+
+
+GREETING = "你好，我是小助手。"
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tiny_data, tmp_path_factory) -> Path:
+    """A tiny pretrained run (30 steps: its greedy text varies with the prompt)."""
+    from babyllama.config import load_config
+    from babyllama.train.pretrain import run_pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "base"
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=30", "train.save_every=0"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(out)
+    run_pretrain(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_run(pretrained_run, tmp_path_factory) -> Path:
+    """A tiny SFT run that answers every greeting with GREETING (greedy): real Chinese text,
+    ended by the chat template's end-of-turn token."""
+    import json
+
+    from babyllama.config import parse_overrides
+    from babyllama.train.sft import run_sft, sft_config
+
+    tmp = tmp_path_factory.mktemp("chat")
+    questions = ["你好", "你好啊", "您好", "嗨，你好", "你是谁", "请介绍一下你自己"]
+    data = tmp / "greet.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": questions[i % 6]},
+                                                     {"role": "assistant", "content": GREETING}]},
+                                       ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
+    values = parse_overrides(["train.lr=1e-2", "train.batch_size=8", "train.log_every=1", "train.max_steps=100",
+                              "train.sample_prompts=[]", "sft.val_fraction=0.1"])
+    values["sft"]["sources"] = [str(data)]
+    values["out_dir"] = str(tmp / "sft")
+    return run_sft(sft_config(pretrained_run, values))
+
+
+class Served:
+    """A `babyllama serve` app running in this process (uvicorn in a thread) on a free port."""
+
+    def __init__(self, run, api_key=None, **engine_options):
+        import threading
+
+        import uvicorn
+
+        from babyllama.cli.serve import open_socket
+        from babyllama.serve.app import create_app
+        from babyllama.serve.worker import EngineThread
+
+        self.engine = EngineThread(run, device="cpu", **engine_options)
+        self.app = create_app(self.engine, api_key=api_key)
+        self.sock = open_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "Served":
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if self.engine.error:
+                raise RuntimeError(self.engine.error)
+            time.sleep(0.05)
+        raise TimeoutError("the server did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -171,6 +171,10 @@ class CompletionRequest(Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+FIELD_NAMES = {name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+               for name in m.model_fields}
+
+
 def parse(body: bytes, model: type[Sampling]) -> Sampling:
     """Validate a request body; APIError(400) naming the field and the problem."""
     try:
@@ -183,18 +187,29 @@ def parse(body: bytes, model: type[Sampling]) -> Sampling:
     try:
         request = model.model_validate(data)
     except ValidationError as e:
-        raise APIError(400, "; ".join(describe(err) for err in e.errors()[:5]),
-                       param=".".join(str(p) for p in e.errors()[0]["loc"])) from None
+        message, field = describe(e.errors())
+        raise APIError(400, message, param=field) from None
     if request.ignored():
         log.info("ignored request fields: %s", ", ".join(request.ignored()))
     request.check()
     return request
 
 
-def describe(err: dict) -> str:
-    """One pydantic error as `field: problem (got value)`, the union's alternatives folded."""
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("constrained-", "function-"))
-                   and p not in ("str", "int", "float", "list[str]", "list[TextPart]", "bool"))
-    value = err.get("input")
-    got = "" if err["type"] == "missing" else f" (got {json.dumps(value, ensure_ascii=False)[:60]})"
-    return f"{loc or 'body'}: {err['msg']}{got}"
+def describe(errors: list[dict]) -> tuple[str, str]:
+    """pydantic's errors as (`field: problem (got value)` for up to three fields, the first
+    field). A union's alternatives fold into one line: "should be a valid string or list"."""
+    by_field: dict[str, list[dict]] = {}
+    for err in errors:
+        # Union branches and constraint wrappers appear in the location; the user's field does not have them.
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, str) or p in FIELD_NAMES)
+        by_field.setdefault(loc or "body", []).append(err)
+    lines = []
+    for loc, errs in list(by_field.items())[:3]:
+        msgs = list(dict.fromkeys(e["msg"] for e in errs))
+        valid = "Input should be a valid "
+        if len(msgs) > 1 and all(m.startswith(valid) for m in msgs):
+            msgs = [valid + " or ".join(m[len(valid):] for m in msgs)]
+        err = errs[0]
+        got = "" if err["type"] == "missing" else f" (got {json.dumps(err.get('input'), ensure_ascii=False)[:60]})"
+        lines.append(f"{loc}: {'; '.join(msgs)}{got}")
+    return "; ".join(lines), next(iter(by_field))

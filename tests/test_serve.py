@@ -524,3 +524,29 @@ def test_adapters_are_served_by_name_and_each_answers_as_loaded_alone(pretrained
         for t in threads:
             t.join(timeout=60)
         assert len(got) == 9 and all(text == expected[model] for model, text in got.values())
+
+
+def test_chat_cli_talks_to_a_server_turn_by_turn(chat_server):
+    r = subprocess.run(babyllama_cmd() + ["chat", "--server", chat_server.url, "--temperature", "0"],
+                       input="你好\n/reset\n您好\n/quit\n", env=cli_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(GREETING) == 2
+    r = subprocess.run(babyllama_cmd() + ["chat", "--server", chat_server.url, "--prompt", "你好", "--num-beams", "2"],
+                       env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "num-beams is not available through a server" in r.stderr
+    r = subprocess.run(babyllama_cmd() + ["chat", "--server", chat_server.url, "--prompt", "你好", "--model", "nope"],
+                       env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'nope' does not exist" in r.stderr
+    r = subprocess.run(babyllama_cmd() + ["chat", "--server", "http://127.0.0.1:9", "--prompt", "你好"],
+                       env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr
+
+
+def test_remote_chat_drops_the_oldest_exchanges_when_the_context_is_full(chat_server):
+    from babyllama.serve.client import RemoteChat
+
+    session = RemoteChat(chat_server.url)
+    for _ in range(4):  # each exchange is ~20 tokens of a 64-token context
+        assert "".join(session.send("你好", temperature=0)) == GREETING
+    assert len(session.history) == 8

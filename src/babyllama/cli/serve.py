@@ -3,6 +3,7 @@ health) with continuous batching, and a chat page at `/`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -64,6 +65,7 @@ def open_socket(host: str, port: int) -> socket.socket:
 def cmd_serve(args) -> None:
     try:
         import uvicorn
+        from uvicorn.logging import DefaultFormatter
 
         from babyllama.serve.app import create_app
         from babyllama.serve.worker import EngineThread
@@ -83,6 +85,12 @@ def cmd_serve(args) -> None:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     sock = open_socket(args.host, args.port)
+    # The engine's own lines (ready, load failures, ignored request fields) in uvicorn's format.
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logger = logging.getLogger("babyllama.serve")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
     failure: list[str] = []
     server: uvicorn.Server | None = None
 

@@ -159,6 +159,8 @@ class Scheduler:
         request.cfg = resolve_stops(self.tokenizer, request.cfg)
         if request.cfg.num_beams > 1:
             raise UserError("beam search is not served (num_beams must be 1)")
+        if request.cfg.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {request.cfg.max_new_tokens}")
         if request.cfg.num_return_sequences > self.max_rows:
             raise UserError(f"n={request.cfg.num_return_sequences} choices do not fit a batch of "
                             f"{self.max_rows} rows (the server's --max-batch)")

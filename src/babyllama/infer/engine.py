@@ -17,7 +17,7 @@ import torch
 
 from babyllama.errors import UserError
 from babyllama.infer.config import GenerationConfig
-from babyllama.infer.logits import History, process_logits
+from babyllama.infer.logits import History, choose_tokens
 
 
 def prompt_budget(context: int, max_new_tokens: int) -> int:
@@ -180,11 +180,7 @@ class Decoder:
         if not self.active:
             return []
         logits = self.batch.logits if self.pending is None else self.batch.step(self.pending)
-        scores = process_logits(logits, self.history, self.cfg)
-        if self.cfg.greedy:
-            chosen = scores.argmax(dim=-1)
-        else:
-            chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=self.generator)[:, 0]
+        chosen = choose_tokens(logits, self.history, self.cfg, self.generator)
         chosen_list = chosen.tolist()
         self.history.append(chosen, chosen_list)
         self.pending = chosen

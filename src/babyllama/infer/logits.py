@@ -34,6 +34,12 @@ class History:
         self.n = cfg.no_repeat_ngram_size
         self.ngrams = [NgramIndex(self.n, p) for p in prompts] if self.n else None
 
+    @property
+    def empty(self) -> bool:
+        """True when the config uses no penalty: nothing is kept, and rows of other requests
+        with the same settings may be processed together with these."""
+        return self.seen is None and self.counts is None and self.ngrams is None
+
     def select(self, index: list[int]) -> None:
         """Keep (reorder, repeat) rows: the same index as the KV cache's."""
         if self.seen is not None or self.counts is not None:
@@ -140,3 +146,13 @@ def process_logits(logits: torch.Tensor, history: History, cfg: GenerationConfig
     if cfg.min_p > 0:
         scores = apply_min_p(scores, cfg.min_p)
     return scores
+
+
+def choose_tokens(logits: torch.Tensor, history: History, cfg: GenerationConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (rows, vocab) `logits`: the argmax of the processed scores when
+    greedy, else a draw from their softmax (with `generator`, when given). (rows,) long."""
+    scores = process_logits(logits, history, cfg)
+    if cfg.greedy:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]

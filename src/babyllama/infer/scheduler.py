@@ -27,7 +27,7 @@ from babyllama.errors import UserError
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.engine import Batch, fit_prompts, model_device
 from babyllama.infer.generate import Detokenizer, StopStrings, resolve_stops
-from babyllama.infer.logits import History, process_logits
+from babyllama.infer.logits import History, choose_tokens
 
 # Free cache positions a batch keeps ahead of its rows; a full cache grows by as many.
 ROOM = 64
@@ -201,10 +201,13 @@ class Scheduler:
         self.admit()
         if not self.rows:
             return events
-        chosen = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
         logits = self.batch.logits
-        for request, idx in self.groups():
-            chosen[idx[0]:idx[-1] + 1] = self.choose(request, idx, logits[idx[0]:idx[-1] + 1], events)
+        groups = self.groups()
+        chosen = self.sample(groups, logits)
+        token_list = chosen.tolist()
+        for request, idx in groups:
+            rows = slice(idx[0], idx[-1] + 1)
+            self.emit(request, idx, logits[rows], chosen[rows], token_list[rows], events)
         self.pending = chosen
         return events
 
@@ -218,17 +221,33 @@ class Scheduler:
                 out.append((row.request, [i]))
         return out
 
-    def choose(self, request: Request, idx: list[int], logits: torch.Tensor,
-               events: list[Event]) -> torch.Tensor:
-        history, generator = self.state[request.id]
-        cfg = request.cfg
-        scores = process_logits(logits, history, cfg)
-        if cfg.greedy:
-            tokens = scores.argmax(dim=-1)
-        else:
-            tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
-        token_list = tokens.tolist()
-        history.append(tokens, token_list)
+    def sample(self, groups: list[tuple[Request, list[int]]], logits: torch.Tensor) -> torch.Tensor:
+        """One token per batch row, (rows,). A request with state of its own (penalties' history,
+        a seeded generator) is processed alone; the others share one processing and one draw
+        per distinct setting, since a row's result does not depend on the rows beside it (a
+        dozen small ops per request per step would cost as much as the model at batch 16)."""
+        chosen = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
+        shared: dict[tuple, tuple[Request, list[int]]] = {}
+        for request, idx in groups:
+            history, generator = self.state[request.id]
+            cfg = request.cfg
+            if generator is None and history.empty:
+                key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+                shared.setdefault(key, (request, []))[1].extend(idx)
+            else:
+                chosen[idx[0]:idx[-1] + 1] = choose_tokens(logits[idx[0]:idx[-1] + 1], history, cfg, generator)
+        for request, idx in shared.values():
+            if len(idx) == len(self.rows):
+                chosen = choose_tokens(logits, self.state[request.id][0], request.cfg)
+            else:
+                index = torch.tensor(idx, device=self.device)
+                chosen[index] = choose_tokens(logits.index_select(0, index), self.state[request.id][0], request.cfg)
+        return chosen
+
+    def emit(self, request: Request, idx: list[int], logits: torch.Tensor, tokens: torch.Tensor,
+             token_list: list[int], events: list[Event]) -> None:
+        """Record a request's new tokens: its history, each row's text, stops and log-probs."""
+        self.state[request.id][0].append(tokens, token_list)
         entries: list[TokenLogprob | None] = [None] * len(idx)
         if request.logprobs is not None:
             logprobs = logits.float().log_softmax(dim=-1)
@@ -251,7 +270,6 @@ class Scheduler:
                     text += row.finish("length")
             events.append(Event(request, row.index, text, row.release(), row.finish_reason,
                                 row.generated))
-        return tokens
 
     def leave(self) -> None:
         """Drop the rows that finished (and their cache rows, history rows, pending tokens)."""

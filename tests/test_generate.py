@@ -337,3 +337,17 @@ def test_load_opens_a_transformers_llama_directory(tiny_tokenizer, tmp_path):
     x = torch.tensor([[tiny_tokenizer.bos_id] + tiny_tokenizer.encode("今天天气很好")])
     with torch.no_grad():
         torch.testing.assert_close(llm.model(x)[0], hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_draws_from_the_distribution_and_never_a_zero_probability_token():
+    from babyllama.infer.logits import sample_rows
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_rows(probs, g) for _ in range(20000)])
+    freq = torch.bincount(draws[:, 0], minlength=6) / draws.size(0)
+    assert torch.allclose(freq, probs[0], atol=0.015)
+    assert (draws[:, 1] == 0).all()
+    # Unnormalised rows (what a softmax in low precision may give) are drawn from as normalised.
+    assert torch.allclose(torch.bincount(torch.stack([sample_rows(probs[:1] * 3, g) for _ in range(5000)])[:, 0],
+                                         minlength=6) / 5000, probs[0], atol=0.03)

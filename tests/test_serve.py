@@ -299,6 +299,10 @@ def test_a_client_that_disconnects_frees_its_row(pretrained_run):
     ({"messages": HELLO, "model": "gpt-4"}, 404, "gpt-4"),
     ({"messages": [{"role": "user", "content": "你好" * 200}]}, 400, "context is 64"),
     ({"messages": HELLO, "stream": True, "messages_extra": 1, "n": 17}, 400, "n"),
+    ({"messages": HELLO, "seed": 2 ** 64}, 400, "seed"),
+    (b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800abc"}]}', 400, "lone UTF-16 surrogate (\\ud800)"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "document": "\\udfff"}', 400, "surrogate"),
 ])
 def test_malformed_chat_requests_get_their_4xx_with_openai_errors(chat_server, body, status, words):
     got, answer = post(chat_server.url + "/v1/chat/completions", body)

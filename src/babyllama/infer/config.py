@@ -10,6 +10,10 @@ from dataclasses import dataclass, fields
 from babyllama.errors import UserError
 
 
+# What torch.Generator.manual_seed accepts: a signed or unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 100
@@ -73,6 +77,9 @@ class GenerationConfig:
                        f"num_beams ({self.num_beams})")
         if self.truncate not in ("error", "left"):
             out.append(f"truncate must be 'error' or 'left', got {self.truncate!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            out.append(f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}")
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
             out.append(f"stop token ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

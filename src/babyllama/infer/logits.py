@@ -155,4 +155,18 @@ def choose_tokens(logits: torch.Tensor, history: History, cfg: GenerationConfig,
     scores = process_logits(logits, history, cfg)
     if cfg.greedy:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return sample_rows(scores.softmax(dim=-1), generator)
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of (rows, vocab) `probs`, drawn from that row's distribution by
+    inverting its cumulative sum: the distribution `torch.multinomial` draws from, 15-30x
+    faster on CPU at a 64k vocabulary (multinomial costs ~1 ms per row there,
+    benchmarks/serve_load.py). A zero-probability token is never drawn: `right=True` finds the
+    first cumulative value above the uniform draw, which a token adding nothing never is."""
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * total
+    # Kept below the total even when rounding lifts it there, so the trailing zeros stay out.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from babyllama.errors import UserError
-from babyllama.infer.config import GenerationConfig, decoding_defaults
+from babyllama.infer.config import SEED_MAX, SEED_MIN, GenerationConfig, decoding_defaults
 
 log = logging.getLogger("babyllama.serve")
 
@@ -55,7 +55,7 @@ class Sampling(BaseModel):
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     # vLLM's extra sampling fields (-1 or 0 turn top-k off, as in vLLM).
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
@@ -182,8 +182,17 @@ def parse(body: bytes, model: type[Sampling]) -> Sampling:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise APIError(400, f"the body is not valid JSON{where}: {getattr(e, 'msg', e)}") from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply to be a request") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        # JSON's \ud800 escapes can spell a lone UTF-16 surrogate, which is not text: refused
+        # here, before a tokenizer meets it.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+        raise APIError(400, f"the body holds a lone UTF-16 surrogate ({bad}), which is not text") from None
     try:
         request = model.model_validate(data)
     except ValidationError as e:

@@ -34,11 +34,19 @@ class History:
         self.n = cfg.no_repeat_ngram_size
         self.ngrams = [NgramIndex(self.n, p) for p in prompts] if self.n else None
 
-    @property
-    def empty(self) -> bool:
-        """True when the config uses no penalty: nothing is kept, and rows of other requests
-        with the same settings may be processed together with these."""
-        return self.seen is None and self.counts is None and self.ngrams is None
+    @classmethod
+    def concat(cls, histories: list["History"]) -> "History":
+        """The rows of several histories of one config, stacked (read-only: a view for
+        processing their requests' logits together; each keeps appending to its own)."""
+        if len(histories) == 1:
+            return histories[0]
+        out = cls.__new__(cls)
+        first = histories[0]
+        out.seen = None if first.seen is None else torch.cat([h.seen for h in histories])
+        out.counts = None if first.counts is None else torch.cat([h.counts for h in histories])
+        out.n = first.n
+        out.ngrams = None if first.ngrams is None else [i for h in histories for i in h.ngrams]
+        return out
 
     def select(self, index: list[int]) -> None:
         """Keep (reorder, repeat) rows: the same index as the KV cache's."""

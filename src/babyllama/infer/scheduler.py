@@ -132,6 +132,12 @@ class Row:
         return out
 
 
+def processing_key(cfg: GenerationConfig) -> tuple:
+    """The settings `process_logits` and the draw read: requests equal in these share them."""
+    return (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty,
+            cfg.frequency_penalty, cfg.presence_penalty, cfg.no_repeat_ngram_size)
+
+
 class Scheduler:
     """The continuous-batching engine: `submit` requests, call `step()` until `idle`.
 
@@ -222,26 +228,29 @@ class Scheduler:
         return out
 
     def sample(self, groups: list[tuple[Request, list[int]]], logits: torch.Tensor) -> torch.Tensor:
-        """One token per batch row, (rows,). A request with state of its own (penalties' history,
-        a seeded generator) is processed alone; the others share one processing and one draw
-        per distinct setting, since a row's result does not depend on the rows beside it (a
-        dozen small ops per request per step would cost as much as the model at batch 16)."""
+        """One token per batch row, (rows,). A request with a seeded generator is drawn alone;
+        the others are processed together with every request of the same settings (their
+        histories stacked) and drawn in one go, since a row's result does not depend on the
+        rows beside it: a dozen small ops per request per step would cost as much as the model
+        itself at batch 16."""
         chosen = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
-        shared: dict[tuple, tuple[Request, list[int]]] = {}
+        shared: dict[tuple, list[tuple[Request, list[int]]]] = {}
         for request, idx in groups:
             history, generator = self.state[request.id]
-            cfg = request.cfg
-            if generator is None and history.empty:
-                key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-                shared.setdefault(key, (request, []))[1].extend(idx)
+            if generator is None:
+                shared.setdefault(processing_key(request.cfg), []).append((request, idx))
             else:
-                chosen[idx[0]:idx[-1] + 1] = choose_tokens(logits[idx[0]:idx[-1] + 1], history, cfg, generator)
-        for request, idx in shared.values():
-            if len(idx) == len(self.rows):
-                chosen = choose_tokens(logits, self.state[request.id][0], request.cfg)
+                chosen[idx[0]:idx[-1] + 1] = choose_tokens(logits[idx[0]:idx[-1] + 1], history, request.cfg,
+                                                            generator)
+        for members in shared.values():
+            rows = [i for _, idx in members for i in idx]
+            history = History.concat([self.state[request.id][0] for request, _ in members])
+            cfg = members[0][0].cfg
+            if len(rows) == len(self.rows):
+                chosen = choose_tokens(logits, history, cfg)
             else:
-                index = torch.tensor(idx, device=self.device)
-                chosen[index] = choose_tokens(logits.index_select(0, index), self.state[request.id][0], request.cfg)
+                index = torch.tensor(rows, device=self.device)
+                chosen[index] = choose_tokens(logits.index_select(0, index), history, cfg)
         return chosen
 
     def emit(self, request: Request, idx: list[int], logits: torch.Tensor, tokens: torch.Tensor,

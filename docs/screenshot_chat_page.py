@@ -1,8 +1,8 @@
 """Screenshot of the chat page of `babyllama serve` (docs/chat-page.png).
 
 Starts the server in this process on RUN (a chat model: an SFT run), opens the page in headless
-Chromium at 900x900, sends one Chinese message, waits for the whole answer and saves the
-picture:
+Chromium at 900x900, sends Chinese messages one after another (each after the previous answer
+has ended), and saves the picture:
 
     .venv/bin/python docs/screenshot_chat_page.py RUN [--message TEXT] [--out docs/chat-page.png]
 
@@ -81,7 +81,8 @@ def browser(profile: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="an SFT run directory (a chat model)")
-    parser.add_argument("--message", default="你好，请介绍一下你自己。")
+    parser.add_argument("--message", action="append",
+                        help="a message to send; repeat for several turns (default: two greetings)")
     parser.add_argument("--out", default=str(DOCS / "chat-page.png"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer")
@@ -101,15 +102,16 @@ def main() -> None:
             driver.set_window_size(2 * SIZE[0] - width, 2 * SIZE[1] - height)
             WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"),
                                             "the page never read /props")
-            box = driver.find_element(By.ID, "input")
-            box.send_keys(args.message)
-            box.send_keys(Keys.ENTER)
-            WebDriverWait(driver, args.timeout, poll_frequency=0.1).until(
-                lambda d: d.find_elements(By.CSS_SELECTOR, '#messages .assistant[data-done="true"]'),
-                "no answer in time")
+            for turn, message in enumerate(args.message or ["你好", "你喜欢什么书？"], 1):
+                box = driver.find_element(By.ID, "input")
+                box.send_keys(message)
+                box.send_keys(Keys.ENTER)
+                WebDriverWait(driver, args.timeout, poll_frequency=0.1).until(
+                    lambda d, n=turn: len(d.find_elements(By.CSS_SELECTOR, '#messages .assistant[data-done="true"]')) >= n,
+                    "no answer in time")
             time.sleep(0.3)  # let the status line and the caret settle
-            node = driver.find_element(By.CSS_SELECTOR, "#messages .assistant")
-            print("answer:", node.get_attribute("textContent"))
+            for node in driver.find_elements(By.CSS_SELECTOR, "#messages .assistant"):
+                print("answer:", node.get_attribute("textContent"))
             print("status:", driver.find_element(By.ID, "status").text)
             errors = driver.find_elements(By.CSS_SELECTOR, "#messages .error")
             if errors:

@@ -147,6 +147,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"chat run:       {sft_dir}")
     print(f"try:            babyllama chat {sft_dir}")
     print(f"                babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")
+    print(f"                babyllama serve {sft_dir}   (then open http://127.0.0.1:8000/)")
 
 
 def describe(settings: dict) -> str:

@@ -17,7 +17,6 @@ import json
 import time
 import uuid
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -26,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from babyllama.errors import UserError
+from babyllama.textfile import read_text
 from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.generate import encode_prompt, end_ids
 from babyllama.infer.scheduler import Event, Request, TokenLogprob
@@ -35,6 +35,8 @@ from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 
 # A chat request is a few KB; 1 MiB leaves room for long documents and refuses a runaway upload.
 MAX_BODY_BYTES = 1 << 20
+# The chat page: package data next to this module (pyproject.toml's package-data).
+PAGE = Path(__file__).with_name("chat.html")
 # How often a non-streamed request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
 
@@ -180,7 +182,7 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(resources.files("babyllama.serve").joinpath("chat.html").read_text("utf-8"))
+        return HTMLResponse(read_text(PAGE))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):

@@ -113,32 +113,37 @@ def pretrained_run(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def chat_run(pretrained_run, tmp_path_factory) -> Path:
-    """A tiny SFT run that answers every greeting with GREETING (greedy): real Chinese text,
-    ended by the chat template's end-of-turn token."""
+def greeting_sft(base: Path, out: Path) -> Path:
+    """An SFT run of `base` in `out`/sft (100 steps) that answers every greeting with GREETING
+    (greedy): real Chinese text, ended by the chat template's end-of-turn token."""
     import json
 
     from babyllama.config import parse_overrides
     from babyllama.train.sft import run_sft, sft_config
 
-    tmp = tmp_path_factory.mktemp("chat")
     questions = ["你好", "你好啊", "您好", "嗨，你好", "你是谁", "请介绍一下你自己"]
-    data = tmp / "greet.jsonl"
+    data = out / "greet.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": questions[i % 6]},
                                                      {"role": "assistant", "content": GREETING}]},
                                        ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
     values = parse_overrides(["train.lr=1e-2", "train.batch_size=8", "train.log_every=1", "train.max_steps=100",
                               "train.sample_prompts=[]", "sft.val_fraction=0.1"])
     values["sft"]["sources"] = [str(data)]
-    values["out_dir"] = str(tmp / "sft")
-    return run_sft(sft_config(pretrained_run, values))
+    values["out_dir"] = str(out / "sft")
+    return run_sft(sft_config(base, values))
+
+
+@pytest.fixture(scope="session")
+def chat_run(pretrained_run, tmp_path_factory) -> Path:
+    """greeting_sft of the pretrained run (a 64-token context)."""
+    return greeting_sft(pretrained_run, tmp_path_factory.mktemp("chat"))
 
 
 class Served:
-    """A `babyllama serve` app running in this process (uvicorn in a thread) on a free port."""
+    """A `babyllama serve` app running in this process (uvicorn in a thread) on a free port;
+    `wrap` puts ASGI middleware of a test's own in front of the app."""
 
-    def __init__(self, run, api_key=None, **engine_options):
+    def __init__(self, run, api_key=None, wrap=None, **engine_options):
         import threading
 
         import uvicorn
@@ -149,6 +154,8 @@ class Served:
 
         self.engine = EngineThread(run, device="cpu", **engine_options)
         self.app = create_app(self.engine, api_key=api_key)
+        if wrap is not None:
+            self.app = wrap(self.app)
         self.sock = open_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,9 +35,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from conftest import GREETING, TINY_MODEL, TINY_TRAIN, Served  # noqa: E402
+from conftest import GREETING, TINY_MODEL, TINY_TRAIN, Served, greeting_sft  # noqa: E402
 
-QUESTIONS = ["你好", "你好啊", "您好", "嗨，你好", "你是谁", "请介绍一下你自己"]
 WAIT_S = 30
 
 
@@ -48,24 +46,15 @@ def long_chat_run(tiny_data, tmp_path_factory) -> Path:
     """conftest's chat_run with a 256-token context, for the multi-turn test: chat_run's 64
     tokens hold no second turn (the tiny tokenizer spells most characters as bytes). A few
     seconds: 3 pretraining steps, 100 SFT steps."""
-    from babyllama.config import load_config, parse_overrides
+    from babyllama.config import load_config
     from babyllama.train.pretrain import run_pretrain
-    from babyllama.train.sft import run_sft, sft_config
 
     root = tmp_path_factory.mktemp("page")
     cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=3", "train.save_every=0",
                                                            "model.max_position_embeddings=256"])
     cfg.data, cfg.out_dir = str(tiny_data), str(root / "base")
     run_pretrain(cfg)
-    data = root / "greet.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
-                                                     {"role": "assistant", "content": GREETING}]},
-                                       ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
-    values = parse_overrides(["train.lr=1e-2", "train.batch_size=8", "train.log_every=1", "train.max_steps=100",
-                              "train.sample_prompts=[]", "sft.val_fraction=0.1"])
-    values["sft"]["sources"] = [str(data)]
-    values["out_dir"] = str(root / "sft")
-    return run_sft(sft_config(root / "base", values))
+    return greeting_sft(root / "base", root)
 
 
 class Recorder:
@@ -109,13 +98,8 @@ class PageServer(Served):
     """conftest's in-process server with the Recorder in front of its app."""
 
     def __init__(self, run: Path, api_key: str | None = None):
-        import uvicorn
-
-        super().__init__(run, api_key=api_key, max_batch=4)
+        super().__init__(run, api_key=api_key, wrap=Recorder, max_batch=4)
         self.api_key = api_key
-        self.app = Recorder(self.app)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=WAIT_S) as response:

@@ -143,7 +143,7 @@ class Served:
     """A `babyllama serve` app running in this process (uvicorn in a thread) on a free port;
     `wrap` puts ASGI middleware of a test's own in front of the app."""
 
-    def __init__(self, run, api_key=None, wrap=None, **engine_options):
+    def __init__(self, run, api_key=None, wrap=None, app_options=None, **engine_options):
         import threading
 
         import uvicorn
@@ -153,7 +153,7 @@ class Served:
         from babyllama.serve.worker import EngineThread
 
         self.engine = EngineThread(run, device="cpu", **engine_options)
-        self.app = create_app(self.engine, api_key=api_key)
+        self.app = create_app(self.engine, api_key=api_key, **(app_options or {}))
         if wrap is not None:
             self.app = wrap(self.app)
         self.sock = open_socket("127.0.0.1", 0)

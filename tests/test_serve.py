@@ -292,6 +292,7 @@ def test_a_client_that_disconnects_frees_its_row(pretrained_run):
     ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": HELLO, "n": 0}, 400, "n"),
     ({"messages": HELLO, "stop": [""]}, 400, "stop"),
+    ({"messages": HELLO, "stop": ""}, 400, "stop"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"messages": HELLO, "top_logprobs": 2}, 400, "logprobs"),
     ({"messages": HELLO, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
@@ -494,9 +495,18 @@ def test_serve_command_prints_its_local_address_and_answers(pretrained_run):
                 time.sleep(0.1)
         got, answer = post(url + "/v1/completions", {"prompt": "今天", "max_tokens": 2})
         assert got == 200 and answer["usage"]["completion_tokens"] == 2
+        # SIGTERM (or Ctrl-C) lets an answer in flight finish before the server exits.
+        body = json.dumps({"prompt": "今天", "max_tokens": 50, "temperature": 1.0, "seed": 3, "stream": True})
+        stream = urllib.request.urlopen(urllib.request.Request(
+            url + "/v1/completions", data=body.encode(), headers={"Content-Type": "application/json"}), timeout=60)
+        first = stream.readline()
+        proc.terminate()
+        rest = stream.read().decode()
+        assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]")
+        proc.wait(timeout=60)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
 
 
 def test_adapters_are_served_by_name_and_each_answers_as_loaded_alone(pretrained_run, tmp_path):
@@ -565,3 +575,70 @@ def test_remote_chat_drops_the_oldest_exchanges_when_the_context_is_full(chat_se
     for _ in range(4):  # each exchange is ~20 tokens of a 64-token context
         assert "".join(session.send("你好", temperature=0)) == GREETING
     assert len(session.history) == 8
+
+
+def test_null_fields_mean_their_defaults_as_in_openais_api(chat_server):
+    body = {"messages": HELLO, "temperature": 0, "stream": None, "n": None, "logprobs": None, "seed": None,
+            "stop": None, "max_tokens": None, "stream_options": None, "top_p": None, "document": None}
+    got, answer = post(chat_server.url + "/v1/chat/completions", body)
+    assert got == 200 and answer["choices"][0]["message"]["content"] == GREETING
+
+
+def test_a_single_model_is_listed_and_an_adapter_cannot_hide_the_run(chat_server, chat_run):
+    from babyllama.errors import UserError
+    from babyllama.serve.app import create_app
+    from babyllama.serve.worker import EngineThread
+
+    assert client(chat_server).models.retrieve("sft").id == "sft"
+    with pytest.raises(openai.NotFoundError):
+        client(chat_server).models.retrieve("nope")
+    with pytest.raises(UserError, match="already model 'sft'"):
+        create_app(EngineThread(chat_run, adapters={"sft": "elsewhere"}))
+
+
+def test_the_key_scheme_is_case_insensitive_and_429_says_when_to_retry(chat_run):
+    with Served(chat_run, api_key="Sesame", max_batch=1, max_queue=1) as served:
+        got, _ = post(served.url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2},
+                      {"Authorization": "bearer Sesame"})
+        assert got == 200
+        assert post(served.url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2},
+                    {"Authorization": "Bearer sesame"})[0] == 401
+        headers = []
+
+        def ask():
+            req = urllib.request.Request(served.url + "/v1/chat/completions", headers={
+                "Content-Type": "application/json", "Authorization": "Bearer Sesame"},
+                data=json.dumps({"messages": HELLO, "max_tokens": 30, "temperature": 1.0}).encode())
+            try:
+                urllib.request.urlopen(req, timeout=60).read()
+            except urllib.error.HTTPError as e:
+                headers.append((e.code, e.headers.get("Retry-After")))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert headers and all(h == (429, "1") for h in headers)
+
+
+def test_a_body_that_stops_arriving_gets_408(pretrained_run):
+    import socket
+
+    with Served(pretrained_run, app_options={"body_timeout_s": 0.5}) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            reply = read_reply(sock)
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+
+
+def test_bad_ports_are_one_line_and_chat_server_urls_may_leave_out_the_scheme(chat_server, pretrained_run):
+    r = subprocess.run(babyllama_cmd() + ["serve", str(pretrained_run), "--port", "99999"], env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "0 to 65535" in r.stderr
+    r = subprocess.run(babyllama_cmd() + ["chat", "--server", chat_server.url.removeprefix("http://"),
+                                          "--prompt", "你好", "--temperature", "0"],
+                       env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == GREETING

@@ -11,6 +11,9 @@ import sys
 from babyllama.errors import UserError
 
 API_KEY_ENV = "BABYLLAMA_API_KEY"
+# Seconds the answers in flight get to finish after Ctrl-C or SIGTERM: a 64-token answer at
+# batch 16 on two CPU cores takes a few seconds.
+SHUTDOWN_GRACE_S = 30
 
 
 def add_parser(subparsers) -> None:
@@ -76,6 +79,8 @@ def cmd_serve(args) -> None:
 
     if args.max_batch < 1 or args.max_queue < 1:
         raise UserError("--max-batch and --max-queue must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is 0 to 65535 (0 picks a free one)")
     adapters = parse_adapters(args.adapter)
     run = Run(args.run)
     run.model_config()  # a wrong path is one line now, not a failed load behind a started server
@@ -103,10 +108,14 @@ def cmd_serve(args) -> None:
                           max_queue=args.max_queue, on_failure=on_failure)
     app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
+    everywhere = host in ("0.0.0.0", "::")
+    shown = "127.0.0.1" if everywhere else f"[{host}]" if ":" in host else host
     print(f"serving {args.run} at http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1 "
-          f"(OpenAI API); loading the model...", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+          f"(OpenAI API){' on every interface' if everywhere else ''}; loading the model...",
+          file=sys.stderr, flush=True)
+    # Ctrl-C or SIGTERM lets the answers in flight finish (a second Ctrl-C quits at once).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     server.run(sockets=[sock])
     if failure:
         raise UserError(failure[0])

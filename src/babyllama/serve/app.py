@@ -37,6 +37,8 @@ from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 MAX_BODY_BYTES = 1 << 20
 # The chat page: package data next to this module (pyproject.toml's package-data).
 PAGE = Path(__file__).with_name("chat.html")
+# A client that stops sending its body mid-way is let go after this long (each holds a socket).
+BODY_TIMEOUT_S = 30.0
 # How often a non-streamed request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
 
@@ -47,23 +49,25 @@ def sse(obj) -> bytes:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class Gate:
     """ASGI middleware in front of the API: the API key (401), and a body-size limit (413)
     enforced while the body arrives, so a huge upload is refused before it is all read."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         if self.api_key is not None:
             headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            # The scheme's name is case-insensitive (RFC 7235); the key is not.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                       self.api_key.encode()):
                 error = APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                  type="authentication_error", code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
@@ -72,7 +76,12 @@ class Gate:
             return await self.too_large(scope, receive, send)
         body, more = bytearray(), True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                error = APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                 code="request_timeout")
+                return await error_response(error)(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -97,9 +106,12 @@ class Gate:
 
 
 def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> Gate:
     """The server's FastAPI app around a (started or not) `engine`."""
     name = model_name or Path(engine.run).resolve().name
+    if name in engine.adapter_dirs:
+        raise UserError(f"--adapter {name}: the served run is already model {name!r}; give the adapter "
+                        "another name (or the run one with --model-name)")
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -168,6 +180,11 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
                 for n in [name, *engine.adapter_dirs]]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        adapter_of(model_id)  # 404 for a model not served
+        return next(m for m in (await models())["data"] if m["id"] == model_id)
+
     @app.get("/props")
     async def props():
         """What the chat page needs: the model's name and context and the chat defaults
@@ -217,7 +234,7 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
             return stream_response(engine, handle, response.chunks(include_usage))
         return await whole_response(engine, http, handle, response)
 
-    return Gate(app, api_key, max_body_bytes)
+    return Gate(app, api_key, max_body_bytes, body_timeout_s)
 
 
 class Response:

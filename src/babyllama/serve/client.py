@@ -49,6 +49,8 @@ class RemoteChat:
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
                  system: str | None = None, document: str | None = None, timeout: float = 600):
         self.url = url.rstrip("/")
+        if "://" not in self.url:  # 127.0.0.1:8000, as the server prints it without the scheme
+            self.url = "http://" + self.url
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
         self.model, self.api_key, self.timeout = model, api_key, timeout

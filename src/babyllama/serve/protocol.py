@@ -27,9 +27,10 @@ class APIError(Exception):
     """An error the client gets as OpenAI's error object with HTTP `status`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -79,11 +80,12 @@ class Sampling(BaseModel):
             settings["top_k"] = max(self.top_k, 0)
         if max_tokens is not None:
             settings["max_new_tokens"] = max_tokens
-        if self.stop:
+        if self.stop is not None:
             stops = [self.stop] if isinstance(self.stop, str) else self.stop
             if any(not s for s in stops):
                 raise APIError(400, "stop strings must not be empty", param="stop")
-            settings["stop"] = tuple(stops)
+            if stops:
+                settings["stop"] = tuple(stops)
         settings["num_return_sequences"] = self.n
         try:
             return decoding_defaults(kind, **settings)
@@ -186,6 +188,8 @@ def parse(body: bytes, model: type[Sampling]) -> Sampling:
         raise APIError(400, "the body is nested too deeply to be a request") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    # OpenAI's API takes null for any optional field as "the default", and clients send it.
+    data = {key: value for key, value in data.items() if value is not None}
     try:
         # JSON's \ud800 escapes can spell a lone UTF-16 surrogate, which is not text: refused
         # here, before a tokenizer meets it.

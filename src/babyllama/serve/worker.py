@@ -59,9 +59,13 @@ class EngineThread:
         self.thread.start()
 
     def stop(self) -> None:
+        """End the engine thread after its current step, and wait for it: a thread still inside
+        torch when the interpreter exits can abort the process ("terminate called...")."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=30)
 
     @property
     def status(self) -> str:
@@ -78,7 +82,7 @@ class EngineThread:
         if waiting >= self.max_queue:
             raise APIError(429, f"the server is busy: {waiting} requests are waiting (--max-queue "
                                  f"{self.max_queue}); retry later", type="rate_limit_error",
-                           code="queue_full")
+                           code="queue_full", headers={"Retry-After": "1"})
         handle = Handle(request, adapter, asyncio.get_running_loop())
         with self.wake:
             self.handles[request.id] = handle

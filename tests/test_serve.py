@@ -642,3 +642,40 @@ def test_bad_ports_are_one_line_and_chat_server_urls_may_leave_out_the_scheme(ch
                                           "--prompt", "你好", "--temperature", "0"],
                        env=cli_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == GREETING
+
+
+def test_a_long_running_batch_grows_and_compacts_its_cache_and_stays_exact(pretrained_run):
+    """Rows that run past the free room the join left (64 positions) make the cache grow; rows
+    that leave let it drop the columns nobody uses. Answers stay those of each request alone."""
+    import dataclasses
+
+    from babyllama.model.llama import Llama
+    from babyllama.run import Run
+
+    run = Run(pretrained_run)
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(run.model_config(), max_position_embeddings=256)).eval()
+    tok = run.load_tokenizer()
+    prompts = [encode_prompt(tok, p) for p in ("今天天气很好", "中国", "机器学习和自然语言处理很有意思")]
+    cfgs = [GenerationConfig(temperature=0, max_new_tokens=n) for n in (150, 40, 120)]
+    solo = [complete(model, tok, [p], c, ())[0].ids for p, c in zip(prompts, cfgs)]
+    scheduler = Scheduler(model, tok, max_rows=4)
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    longest = capacity = 0
+    for step in range(400):
+        if step in (0, 30, 60):
+            request = scheduler.check(Request(prompts[step // 30], cfgs[step // 30]))
+            request.number = step // 30
+            scheduler.submit(request)
+        for event in scheduler.step():
+            got[event.request.number].append(event)
+        if scheduler.batch is not None:
+            longest = max(longest, scheduler.batch.cache.pos)
+            capacity = max(capacity, scheduler.batch.cache.max_len)
+            assert int(scheduler.batch.pad.min()) == 0  # no column that every row pads
+        if scheduler.idle:
+            break
+    assert [[e.completion_tokens for e in got[i]][-1] for i in range(3)] == [len(s) for s in solo]
+    texts = ["".join(e.text for e in got[i]) for i in range(3)]
+    assert texts == [tok.decode(s) for s in solo]
+    assert longest <= 256 and capacity > len(prompts[0]) + 64  # it grew

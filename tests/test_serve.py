@@ -332,15 +332,22 @@ def read_reply(sock) -> str:
     return (head + b"\r\n\r\n" + body).decode()
 
 
+def raw_reply(url: str, request: bytes) -> str:
+    """Send `request` bytes as they are to the server at `url`, and read its whole reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.sendall(request)
+        return read_reply(sock)
+
+
 def test_a_body_over_the_limit_gets_413_before_it_is_read(chat_server):
     import socket
 
     port = int(chat_server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        # Only the headers are sent: the announced size alone is refused.
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 5000000\r\n\r\n")
-        reply = read_reply(sock)
+    # Only the headers are sent: the announced size alone is refused.
+    reply = raw_reply(chat_server.url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                       b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
     assert reply.startswith("HTTP/1.1 413") and "larger than 1048576 bytes" in reply
     # A body that announces no size (chunked) is counted as it arrives.
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -623,14 +630,9 @@ def test_the_key_scheme_is_case_insensitive_and_429_says_when_to_retry(chat_run)
 
 
 def test_a_body_that_stops_arriving_gets_408(pretrained_run):
-    import socket
-
     with Served(pretrained_run, app_options={"body_timeout_s": 0.5}) as served:
-        port = int(served.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000\r\n\r\n{")
-            reply = read_reply(sock)
+        reply = raw_reply(served.url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
         assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
 
 

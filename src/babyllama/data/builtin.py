@@ -12,7 +12,9 @@ without spaces, full-width Latin letters and digits made ASCII while Chinese pun
 
 One built-in conversation set, for SFT rather than pretraining, comes the same way from the
 `chatterbot-corpus` package: `builtin:chatterbot-zh` is its `data/chinese/*.yml` files, read by
-`babyllama.data.conversations` (this module only locates them).
+`babyllama.data.conversations` (this module only locates them). Another is generated:
+`builtin:arith-zh[#train|#val|#test]`, arithmetic word problems with worked answers
+(`babyllama.data.problems`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BUILTIN_CORPORA = {
 BUILTIN_CONVERSATIONS = {
     "chatterbot-zh": "Chinese chit-chat: greetings, emotions, AI, history... (467 short"
                      " conversations; chatterbot-corpus)",
+    "arith-zh": "synthetic Chinese addition/subtraction word problems with worked answers"
+                " (#train 5,000, #val 200, #test 300; data/problems.py)",
 }
 
 def normalize_fullwidth(text: str) -> str:

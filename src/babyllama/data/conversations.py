@@ -43,6 +43,8 @@ Files (read by `data/records.py`): .jsonl, .json (a list; an object of lists is 
 splits, `file.json#train` picks one; an object keyed by ids, `{"11290": {...}, ...}`, is read
 as its values; JSON lines in a .json file, as RedGPT ships them, are read as .jsonl), .csv
 (with a header), .tsv, .txt, .yml/.yaml, and .gz of any of them; or a directory of such files.
+`builtin:arith-zh` (`#train`, `#val`, `#test`) is generated, not read: each arithmetic word
+problem of `data/problems.py` asked, and answered with its worked equation.
 
 Choices made once, here:
 - Consecutive messages of the same role are merged into one, joined with "\\n" (a user who
@@ -75,6 +77,7 @@ from typing import Any, Callable, Iterator
 
 from babyllama.data import sft_augment
 from babyllama.data.builtin import BUILTIN_CONVERSATIONS, chatterbot_files
+from babyllama.data.problems import ARITH_SOURCE, arithmetic_answer_text, iter_problems
 from babyllama.data.readers import BUILTIN_PREFIX
 from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
                                     id_records, json_or_lines, json_type, jsonl_records,
@@ -186,6 +189,9 @@ def iter_conversations(source, format: str | None = None, *, skip_bad: bool = Fa
         raise UserError(f"unknown conversation format '{format}' (choose from: "
                         f"{', '.join(FORMATS)})")
     report = Reporter(skip_bad, bad)
+    if _is_arith(source):
+        yield from _arith_conversations(source, seed, system)
+        return
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
         files = [(path, None) for path in _builtin_files(source)]
         format = BUILTIN_CONVERSATION_FORMAT  # the built-in set has one known layout
@@ -200,6 +206,8 @@ def detect_format(path) -> str:
 
     Raises UserError naming what it saw when no format fits.
     """
+    if _is_arith(path):
+        return "prompt-answer"  # generated question / answer pairs
     if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
         _builtin_files(path)  # an unknown name or a missing package is an error here too
         return BUILTIN_CONVERSATION_FORMAT
@@ -221,6 +229,17 @@ def _builtin_files(source: str) -> list[Path]:
         return chatterbot_files(source, "chinese")
     known = ", ".join(f"builtin:{n}" for n in BUILTIN_CONVERSATIONS)
     raise UserError(f"{source}: no such built-in conversation set (available: {known})")
+
+
+def _is_arith(source) -> bool:
+    return isinstance(source, str) and source.partition("#")[0] == ARITH_SOURCE
+
+
+def _arith_conversations(source: str, seed: int, system: str | None) -> Iterator[Conversation]:
+    for problem in iter_problems(source, seed=seed):
+        messages = [{"role": "user", "content": problem.question},
+                    {"role": "assistant", "content": arithmetic_answer_text(problem)}]
+        yield Conversation(messages, system, source=problem.source)
 
 
 def _resolve(source) -> list[tuple[Path, str | None]]:

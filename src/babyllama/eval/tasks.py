@@ -5,6 +5,7 @@ periodic `train.eval_tasks` (a list of mappings: `{task: choice, data: DIR, limi
     rouge       ROUGE-1/2/L of generated summaries, character level           (eval/rouge.py)
     choice      C-Eval / CMMLU-style multiple choice, letter and text scoring  (eval/choice.py)
     generation  distinct-n, rep-4 and loop rate of generated answers           (eval/generation.py)
+    math        final-answer accuracy (pass@k) on math word problems           (eval/math.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from babyllama.errors import UserError
 from babyllama.eval.choice import ChoiceOptions, run_choice
 from babyllama.eval.generation import GenerationOptions, run_generation
 from babyllama.eval.lm import LMOptions, run_lm
+from babyllama.eval.math import MathOptions, run_math
 from babyllama.eval.report import EvalResult
 from babyllama.eval.rouge import RougeOptions, run_rouge
 from babyllama.infer.config import generation_config
@@ -28,6 +30,7 @@ REGISTRY = {
     "rouge": (RougeOptions, run_rouge),
     "choice": (ChoiceOptions, run_choice),
     "generation": (GenerationOptions, run_generation),
+    "math": (MathOptions, run_math),
 }
 TASKS = tuple(REGISTRY)
 

@@ -96,7 +96,9 @@ SFT_LOSS_ON = ("all", "last")
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning: conversation data on top of a pretrained run (`stage: sft`)."""
+    """Fine-tuning from a base run: `stage: sft` (conversations), and the stages after it
+    (`dpo`, `reward`: preference pairs; `grpo`: prompts), which read the same base, data,
+    template, epochs and held-out settings from this section."""
     base: str = ""                  # the run directory the weights start from
     sources: list[str] = field(default_factory=list)  # conversation files, `PATH` or `PATH@WEIGHT`
     format: str = ""                # "" detects the schema per file; else one name for all
@@ -149,7 +151,94 @@ class LoraSection(LoraConfig):
         return out
 
 
-STAGES = ("pretrain", "sft")
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+@dataclass
+class DPOConfig:
+    """`stage: dpo`: direct preference optimisation on pairs (Rafailov et al. 2023).
+
+    sigmoid: -log σ(β((log π_c - log π_ref,c) - (log π_r - log π_ref,r))), the DPO paper's loss;
+    ipo:     ((Δ per token) - 1/(2β))², Azar et al. 2023 (IPO), log-ratios averaged over the
+             answer's tokens as TRL does;
+    simpo:   -log σ(β (mean log π_c - mean log π_r) - γ), Meng et al. 2024: reference-free (no
+             reference log-probs are computed), length-normalised, with a target margin γ.
+    """
+    loss: str = "sigmoid"
+    beta: float = 0.1               # DPO/IPO: strength of the pull toward the reference (TRL's default)
+    simpo_gamma: float = 0.5        # SimPO's target reward margin γ (TRL CPOConfig's simpo_gamma)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss not in DPO_LOSSES:
+            out.append(f"dpo.loss must be one of {', '.join(DPO_LOSSES)}; got {self.loss!r}")
+        if self.beta <= 0:
+            out.append(f"dpo.beta must be positive, got {self.beta}")
+        if self.simpo_gamma < 0:
+            out.append(f"dpo.simpo_gamma must not be negative, got {self.simpo_gamma}")
+        return out
+
+
+@dataclass
+class RewardConfig:
+    """`stage: reward`: a scalar-head reward model trained on pairs with the Bradley–Terry loss
+    -log σ(r_c - r_r - margin) (Ouyang et al. 2022; TRL's RewardTrainer)."""
+    margin: float = 0.0                  # a fixed margin the chosen reward must clear (Llama 2 uses one)
+    center_rewards_coefficient: float = 0.0  # + c·(r_c + r_r)² keeps rewards near 0 (Eisenstein et al. 2023)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.center_rewards_coefficient < 0:
+            out.append(f"reward.center_rewards_coefficient must not be negative, got "
+                       f"{self.center_rewards_coefficient}")
+        return out
+
+
+@dataclass
+class GRPOConfig:
+    """`stage: grpo`: group relative policy optimisation (Shao et al. 2024, DeepSeekMath).
+
+    Each step samples `num_generations` answers per prompt from the current policy, scores
+    them with `reward`, normalises each reward within its prompt's group (advantage =
+    (r - mean) / (std + 1e-4)) and minimises the clipped ratio objective per answer token,
+    normalised over all answer tokens of the step (TRL's `loss_type="dapo"`), plus β times the
+    k3 estimate of KL(π || π_ref) per token when `beta` > 0 (Schulman 2020)."""
+    reward: str = "math"            # math | rm:PATH (a reward run) | module:function (Python)
+    num_generations: int = 8        # G: sampled answers per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0        # sampling temperature; the log-probs are taken at the same one
+    top_k: int = 0                  # 0: the whole vocabulary (the exact policy; see GRPOTrainer)
+    epsilon: float = 0.2            # ratio clipping range [1 - ε, 1 + ε] (PPO, Schulman et al. 2017)
+    beta: float = 0.0               # KL coefficient; 0 needs no reference model (TRL's default)
+    format_bonus: float = 0.0       # math reward: added when the answer states it as 答案是N
+    scale_rewards: bool = True      # divide by the group's std (Dr. GRPO argues for False)
+    max_prompts: int = 0            # > 0: use at most this many prompts (quick runs)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_generations < 2:
+            out.append(f"grpo.num_generations must be at least 2 (a group needs a baseline), "
+                       f"got {self.num_generations}")
+        if self.max_new_tokens <= 0:
+            out.append(f"grpo.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            out.append(f"grpo.temperature must be positive (sampling), got {self.temperature}")
+        if self.top_k < 0:
+            out.append(f"grpo.top_k must not be negative, got {self.top_k}")
+        if not 0 < self.epsilon < 1:
+            out.append(f"grpo.epsilon must be in (0, 1), got {self.epsilon}")
+        if self.beta < 0:
+            out.append(f"grpo.beta must not be negative, got {self.beta}")
+        if not self.reward:
+            out.append("grpo.reward must name a reward: math, rm:PATH or module:function")
+        return out
+
+
+STAGES = ("pretrain", "sft", "dpo", "reward", "grpo")
+# Stages that start from a base run and read the `sft:` section (base, data, template, epochs).
+FINETUNE_STAGES = ("sft", "dpo", "reward", "grpo")
+# Stages whose runs are chat models (their prompts go through the chat template).
+CHAT_STAGES = ("sft", "dpo", "grpo")
 
 
 @dataclass
@@ -160,8 +249,11 @@ class RunConfig:
     tokenizer: str = ""   # defaults to <data>/tokenizer
     out_dir: str = "runs/pretrain"
     preset: str = ""      # the preset this config started from (informational)
-    stage: str = "pretrain"  # pretrain | sft
+    stage: str = "pretrain"  # pretrain | sft | dpo | reward | grpo
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     # The dotted keys the user set ("train.lr", ...): no default derived later (steps,
     # intervals, the LoRA learning rate) replaces them. Not saved, not settable.
@@ -172,13 +264,16 @@ class RunConfig:
         out = self.model.problems() + self.train.problems()
         if self.stage not in STAGES:
             out.append(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
-        if self.stage == "sft":
+        if self.stage in FINETUNE_STAGES:
             out += self.sft.problems()
+        if self.stage in ("dpo", "reward", "grpo"):
+            out += getattr(self, self.stage).problems()
         if self.lora.qlora and not self.lora.enabled:
             out.append("lora.qlora needs lora.enabled (or pass --qlora)")
         if self.lora.enabled:
-            if self.stage != "sft":
-                out.append("lora.enabled is for fine-tuning (babyllama sft)")
+            if self.stage not in ("sft", "dpo", "grpo"):
+                out.append("lora.enabled is for fine-tuning a chat model (babyllama sft, dpo, grpo); "
+                           "a reward model trains all its weights")
             out += self.lora.problems()
         return out
 
@@ -187,8 +282,11 @@ class RunConfig:
         del d["user_keys"]
         d["train"]["betas"] = list(self.train.betas)
         # A run's config stays free of settings it never reads.
-        if self.stage != "sft":
+        if self.stage not in FINETUNE_STAGES:
             del d["sft"]
+        for stage in ("dpo", "reward", "grpo"):
+            if self.stage != stage:
+                del d[stage]
         if not self.lora.enabled:
             del d["lora"]
         return d
@@ -352,6 +450,29 @@ def sft_defaults(base: RunConfig, base_dir: str) -> RunConfig:
                      sft=SFTConfig(base=base_dir))
 
 
+def stage_defaults(cfg: RunConfig, stage: str, base: RunConfig) -> RunConfig:
+    """The fine-tuning defaults `sft_defaults` gave, adjusted for a stage after SFT."""
+    out = copy.deepcopy(cfg)
+    out.stage = stage
+    t = out.train
+    if stage == "dpo":
+        # A tenth of SFT's rate: preference losses move the log-probs of whole answers, and DPO
+        # papers train 7B models at 5e-7 (1/40 of SFT); small models tolerate more.
+        t.lr = base.train.lr * 0.05
+        out.sft.epochs = 2.0
+        out.sft.val_fraction = 0.1   # pairs are few: a held-out share large enough for accuracy
+    elif stage == "reward":
+        t.lr = base.train.lr * 0.1
+        out.sft.epochs = 2.0
+        out.sft.val_fraction = 0.1
+        t.sample_prompts = []        # a reward model scores; it does not generate
+    elif stage == "grpo":
+        t.lr = base.train.lr * 0.05
+        out.sft.epochs = 1.0
+        out.sft.val_fraction = 0.0
+    return out
+
+
 def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
                    base: RunConfig | None = None, base_dir: str = "",
                    overrides: list[str] | dict | None = None) -> RunConfig:
@@ -363,10 +484,12 @@ def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
     what the user set run after them: a LoRA run trains at the base's peak learning rate unless
     train.lr was given. Raises UserError for an unknown key, a wrong type or an invalid value.
     """
-    if stage == "sft":
+    if stage in FINETUNE_STAGES:
         if base is None:
             raise UserError("fine-tuning needs the base run's config")
         cfg = sft_defaults(base, base_dir)
+        if stage != "sft":
+            cfg = stage_defaults(cfg, stage, base)
     elif stage == "pretrain":
         cfg = RunConfig()
         if preset:
@@ -378,10 +501,14 @@ def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
     values = (overrides if isinstance(overrides, dict) else parse_overrides(overrides)) if overrides else {}
     apply_values(cfg, values, "", "command line")
     cfg.user_keys = frozenset(dotted_keys(values))
-    if stage == "sft" and cfg.lora.enabled and "train.lr" not in cfg.user_keys:
+    if stage in FINETUNE_STAGES and cfg.lora.enabled and "train.lr" not in cfg.user_keys:
         # Adapters start at zero and have few parameters: LoRA is usually run at several
-        # times the full fine-tuning rate (Hu et al. 2021; QLoRA); the base's peak is 2x ours.
-        cfg.train.lr = base.train.lr
+        # times the full fine-tuning rate (Hu et al. 2021; QLoRA): for SFT the base's peak (2x
+        # full SFT's), for the preference and RL stages 10x their full rate.
+        cfg.train.lr = base.train.lr if stage == "sft" else min(base.train.lr, 10 * cfg.train.lr)
+    if stage == "grpo" and "train.batch_size" not in cfg.user_keys:
+        # Completions per micro-batch: two prompts' groups.
+        cfg.train.batch_size = 2 * cfg.grpo.num_generations
     check(cfg)
     return cfg
 

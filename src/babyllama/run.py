@@ -8,6 +8,7 @@ Every stage writes one, and every command that reads a model reads one:
       adapter_config.json         a LoRA run: peft's adapter config and tensors, in peft's own
       adapter_model.safetensors     layout; the base they apply to is config.yaml's sft.base
       tokenizer/                  the tokenizer, with the chat template of a fine-tuned run
+      reference_logps.safetensors a DPO run: the reference model's log-probs of its pairs
       resume/                     the exact state to continue from (weights or adapter,
                                     optimizer.pt, trainer.json written last)
       metrics.jsonl  loss.png  samples.txt     what training logged
@@ -31,11 +32,12 @@ from pathlib import Path
 import torch
 
 from babyllama.atomic import atomic_path, atomic_write_text
-from babyllama.config import RunConfig, config_from_dict, read_yaml, save_config
+from babyllama.config import CHAT_STAGES, RunConfig, config_from_dict, read_yaml, save_config
 from babyllama.errors import UserError
 from babyllama.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model, load_adapter,
                             merge_lora, save_adapter)
 from babyllama.model.llama import Llama, ModelConfig
+from babyllama.model.reward import RewardModel
 from babyllama.model.weights import load_weights, read_weights, save_weights
 from babyllama.textfile import read_json, read_json_object, read_text
 from babyllama.tokenizer import Tokenizer
@@ -50,6 +52,7 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 SAMPLES = "samples.txt"
 EVAL = "eval"
+REFERENCE = "reference_logps.safetensors"  # a DPO run's reference log-probs (computed once)
 HF_CONFIG = "config.json"  # a transformers directory
 # The files that hold a run's own weights (a LoRA run's are its adapter's).
 WEIGHT_FILES = (WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -64,6 +67,8 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     """Our ModelConfig from a transformers Llama `config.json`. Raises UserError for another
     model type or a RoPE scaling we do not implement."""
     d = read_json_object(path, HF_CONFIG)
+    if any(str(a).endswith("ForSequenceClassification") for a in d.get("architectures") or []):
+        raise UserError(f"{path}: a sequence classification (reward) model, not a language model")
     if d.get("model_type") != "llama":
         raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -119,6 +124,10 @@ class Run:
     def eval_dir(self) -> Path:
         return self.path / EVAL
 
+    @property
+    def reference_file(self) -> Path:
+        return self.path / REFERENCE
+
     # -- what kind of run it is -------------------------------------------------------------
     def is_run(self) -> bool:
         """A babyllama run directory (it has config.yaml)."""
@@ -167,7 +176,7 @@ class Run:
         """Whether prompts go through the chat template by default: a fine-tuned (SFT) run, or
         a transformers directory whose tokenizer has a chat template."""
         if self.is_run():
-            return self.config().stage == "sft"
+            return self.config().stage in CHAT_STAGES
         tok_cfg = self.path / "tokenizer_config.json"
         return tok_cfg.exists() and '"chat_template"' in read_text(tok_cfg)
 
@@ -208,6 +217,9 @@ class Run:
         """The run's model: `model.safetensors`, or a LoRA run's adapter folded into its base
         (merged once here, so generation costs what a plain model costs)."""
         config = config or self.model_config()
+        if self.is_reward_model():
+            raise UserError(f"{self.path}: is a reward model (it scores answers, it does not generate): "
+                            f"use `babyllama score {self.path} --data PAIRS`, or grpo.reward=rm:{self.path}")
         if self.has_weights():
             model = Llama(config)
             load_weights(model, self.weights_file)
@@ -221,6 +233,20 @@ class Run:
             load_weights(model, base.weights_file)
             return merge_lora(load_adapter(model, self.path))
         raise UserError(f"{self.path}: no {WEIGHTS} (has the run saved a checkpoint yet?)")
+
+    def is_reward_model(self) -> bool:
+        """A reward model run (`stage: reward`): its weights have a scalar head, not an LM head."""
+        return self.is_run() and self.config().stage == "reward"
+
+    def load_reward_model(self) -> RewardModel:
+        """The reward model of a `stage: reward` run. Raises UserError for any other run."""
+        if not self.is_reward_model():
+            raise UserError(f"{self.path}: not a reward model run (train one with `babyllama reward`)")
+        if not self.has_weights():
+            raise UserError(f"{self.path}: no {WEIGHTS} (has the run saved a checkpoint yet?)")
+        model = RewardModel(self.model_config())
+        load_weights(model, self.weights_file)
+        return model
 
     # -- writing ----------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:

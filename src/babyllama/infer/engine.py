@@ -141,6 +141,7 @@ class Decoder:
         self.limits = [min(cfg.max_new_tokens, context - len(p)) for p in prompts for _ in range(n)]
         self.tokens: list[list[int]] = [[] for _ in self.limits]
         self.finish_reasons: list[str | None] = [None] * len(self.limits)
+        self.end_tokens: list[int | None] = [None] * len(self.limits)  # the stop token that ended a row
         device = model_device(model)
         self.generator = None
         if cfg.seed is not None and not cfg.greedy:
@@ -188,6 +189,7 @@ class Decoder:
         for row, token in zip(self.active, chosen_list):
             if token in self.stop_ids:
                 self.finish(row, "stop")
+                self.end_tokens[row] = token
                 continue
             self.tokens[row].append(token)
             out.append((row, token))

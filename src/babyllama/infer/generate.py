@@ -30,6 +30,7 @@ class Completion:
     ids: list[int]           # generated tokens (a stop token is not included)
     finish_reason: str       # "stop": stop token or string; "length": max_new_tokens or context
     prompt_tokens: int
+    end_token: int | None = None  # the stop token that ended it (RL trains on it: see train/grpo.py)
 
 
 class Detokenizer:
@@ -213,7 +214,8 @@ def complete(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
     for r, ids in enumerate(decoder.tokens):
         # Without stop strings the text is decoded once at the end: cheaper than piece by piece.
         text = "".join(texts[r]) + rows[r].flush() if rows is not None else tokenizer.decode(ids)
-        out.append(Completion(text, ids, decoder.finish_reasons[r], decoder.prompt_lengths[r]))
+        out.append(Completion(text, ids, decoder.finish_reasons[r], decoder.prompt_lengths[r],
+                              decoder.end_tokens[r]))
     return out
 
 

@@ -52,12 +52,12 @@ def absolute_source(spec: str) -> str:
     return str(Path(path).resolve()) + (f"@{weight:g}" if "@" in spec else "")
 
 
-def sft_config(base: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
-    """The config of fine-tuning the run at `base`: its config -> SFT defaults -> `overrides`
-    (see `config.resolve_config`); data sources are made absolute so `--resume` works from
-    any working directory."""
+def sft_config(base: str | Path, overrides: list[str] | dict | None = None, stage: str = "sft") -> RunConfig:
+    """The config of fine-tuning the run at `base` (`stage`: sft, dpo, reward or grpo): its
+    config -> the stage's defaults -> `overrides` (see `config.resolve_config`); data sources
+    are made absolute so `--resume` works from any working directory."""
     base = Path(base)
-    cfg = resolve_config("sft", base=Run(base).config(), base_dir=str(base.resolve()),
+    cfg = resolve_config(stage, base=Run(base).config(), base_dir=str(base.resolve()),
                          overrides=overrides)
     cfg.sft.sources = [absolute_source(s) for s in cfg.sft.sources]
     return cfg
@@ -137,22 +137,68 @@ def with_lora(model: Llama, cfg: RunConfig, device, verbose: bool):
     return model
 
 
-def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
-    """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
-    follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
+# -- what every stage that starts from a base run shares (SFT, DPO, reward model, GRPO) ---------
+
+def start_finetune(cfg: RunConfig, resume: bool) -> tuple[Run, Run]:
+    """(the run being written, its base) after the checks every fine-tuning stage makes before
+    any work: a new run must not overwrite one, the config validates, the base is a trained run
+    with plain weights, and train.seq_len fits the context. Raises UserError."""
     run = Run(cfg.out_dir)
     run.check_training_start(resume, cfg.train.max_steps)
     check(cfg)
     base = Run(cfg.sft.base)
+    if base.is_lora():
+        raise UserError(f"{base.path}: is a LoRA run; merge it first (babyllama merge-lora "
+                        f"{base.path} -o MERGED) and start from the merged run")
     base.require_trained()
-    t = cfg.train
-    if t.seq_len > cfg.model.max_position_embeddings:
-        raise UserError(f"config: train.seq_len ({t.seq_len}) is longer than "
+    if cfg.train.seq_len > cfg.model.max_position_embeddings:
+        raise UserError(f"config: train.seq_len ({cfg.train.seq_len}) is longer than "
                         f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
+    return run, base
+
+
+def finetune_tokenizer(cfg: RunConfig, base: Run) -> Tokenizer:
+    """The base's tokenizer with the run's chat template: sft.template for SFT; for the stages
+    after it the base's own template (what its answers were trained in), unless sft.template
+    was given. Raises UserError when a later stage's base has no chat template."""
+    tokenizer = base.load_tokenizer()
+    if cfg.stage == "sft" or "sft.template" in cfg.user_keys:
+        tokenizer.chat_template = resolve_template(cfg.sft.template)
+    elif not tokenizer.chat_template:
+        raise UserError(f"{base.path}: has no chat template: {cfg.stage} starts from a chat (SFT) run, "
+                        f"or pass sft.template=chatml to render the data with one")
+    return tokenizer
+
+
+def finetune_schedule(cfg: RunConfig, max_steps: int) -> RunConfig:
+    """Steps, evaluations, checkpoints, samples and warmup of a fine-tuning run of `max_steps`."""
+    return derive_schedule(cfg, max_steps, evals=5, saves=5, samples=2, warmup_divisor=20,
+                           warmup_cap=100, logs=50)
+
+
+def finetune_model(cfg: RunConfig, base: Run, device, info):
+    """The base's weights in `cfg.model`, under fresh LoRA (QLoRA) adapters when lora.enabled.
+    Seeded: LoRA's A matrices (and dropout) draw from the global RNG, so a run repeats exactly."""
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(cfg.model)
+    load_weights(model, base.weights_file)
+    if info.is_main:
+        shown = os.path.relpath(base.path) if base.path.is_relative_to(Path.cwd()) else base.path
+        print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {shown} "
+              f"on {device}, {info.world_size} process(es)")
+    if cfg.lora.enabled:
+        model = with_lora(model, cfg, device, info.is_main)
+    return model
+
+
+def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
+    """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
+    follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
+    run, base = start_finetune(cfg, resume)
+    t = cfg.train
     info, device = init_distributed(t.device)
     try:
-        tokenizer = base.load_tokenizer()
-        tokenizer.chat_template = resolve_template(cfg.sft.template)
+        tokenizer = finetune_tokenizer(cfg, base)
 
         bad = BadRecords()
         train_convs, val_convs, lines = read_conversations(cfg, bad)
@@ -167,8 +213,7 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
                              replay=replay, replay_ratio=cfg.sft.replay_ratio)
         n_tokens = sum(len(e.ids) for e in train_ex)
         if not resume:
-            cfg = derive_schedule(cfg, steps_for(cfg, batches, n_tokens), evals=5, saves=5,
-                                  samples=2, warmup_divisor=20, warmup_cap=100, logs=50)
+            cfg = finetune_schedule(cfg, steps_for(cfg, batches, n_tokens))
         t = cfg.train
         if info.is_main:
             print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
@@ -184,16 +229,7 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
             run.write_config(cfg)
             run.write_tokenizer(tokenizer)
 
-        # Seeded: LoRA's A matrices (and dropout) draw from the global RNG, so a run repeats exactly.
-        torch.manual_seed(t.seed)
-        model = Llama(cfg.model)
-        load_weights(model, base.weights_file)
-        if info.is_main:
-            shown = os.path.relpath(base.path) if base.path.is_relative_to(Path.cwd()) else base.path
-            print(f"model: {model.parameter_counts()['total'] / 1e6:.2f}M parameters from {shown} "
-                  f"on {device}, {info.world_size} process(es)")
-        if cfg.lora.enabled:
-            model = with_lora(model, cfg, device, info.is_main)
+        model = finetune_model(cfg, base, device, info)
         eval_set = eval_set_for(val_ex, t.batch_size, tokenizer)
         train(cfg, model, tokenizer, batches, eval_set, run.path, device, info, resume=resume,
               sample_fn=chat_sample)

@@ -2,9 +2,10 @@
 
 What differs between those stages is only the data (`train_data.get(step, micro, device)`
 returns inputs, targets with -100 where a token must not count, and extra model arguments such
-as a packed batch's attention mask), the evaluation set and how samples are prompted;
-precision, accumulation, clipping, schedules, the non-finite guard, evaluation, samples,
-logging, checkpoints and DDP all live here.
+as a packed batch's attention mask), the objective (`train_data.loss`, when the stage's loss
+is not next-token cross-entropy: DPO, reward model, GRPO), the evaluation set and how samples
+are prompted; precision, accumulation, clipping, schedules, the non-finite guard, evaluation,
+samples, logging, checkpoints and DDP all live here.
 
 `train`, at the end, sets up, then each iteration is one `optimizer_step` followed by the
 end-of-step actions (`log_step`, `evaluate_and_log`, `run_eval_tasks`, `write_samples`,
@@ -25,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from babyllama.config import RunConfig, TrainConfig
+from babyllama.config import CHAT_STAGES, FINETUNE_STAGES, RunConfig, TrainConfig
 from babyllama.errors import UserError
 from babyllama.eval.report import default_name, write_result
 from babyllama.eval.scoring import target_scores, wide_float
@@ -40,13 +41,38 @@ from babyllama.train.schedule import lr_at
 
 
 class TrainData(Protocol):
-    """A stage's training batches: a pure function of (step, micro-step), so resume is exact."""
+    """A stage's training batches: a pure function of (step, micro-step), so resume is exact.
 
-    def get(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    Optional members change the objective from next-token cross-entropy (`lm_loss`):
+    `loss(model, batch) -> Loss` computes a micro-batch's loss from what `get` returned, and
+    `units_per_micro` is the constant that loss sums are divided by in the backward (pairs per
+    micro-batch for DPO; the default is batch_size * seq_len token positions); `step_stats()`
+    returns numbers the stage measured during the step (GRPO's rewards), logged with it."""
+
+    def get(self, step: int, micro: int, device):
         """Inputs (B, T) and targets (B, T), int64 on `device`, targets -100 where a token
         must not count; and extra keyword arguments for the model's forward (a packed
-        batch's `attn_mask` and `position_ids`)."""
+        batch's `attn_mask` and `position_ids`). A stage with its own `loss` returns whatever
+        that loss takes."""
         ...
+
+
+@dataclass
+class Loss:
+    """One micro-batch's objective: `total` is the SUM of the per-unit losses (tokens for
+    language modelling and GRPO, pairs for DPO and the reward model) and `units` their count;
+    `stats` are sums over the same units of what to log (e.g. {"rewards/accuracies": ...}).
+    The trainer divides every sum by the step's total units, over micro-steps and ranks."""
+    total: torch.Tensor
+    units: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def lm_loss(model, batch) -> Loss:
+    """Next-token cross-entropy summed over the targets (pretraining, SFT)."""
+    x, y, extra = batch
+    _, loss_sum = model(x, y, loss_reduction="sum", **extra)
+    return Loss(loss_sum, (y != -100).sum(), {})
 
 
 def load_checkpoint(run: Run, model, optimizer, scaler) -> dict:
@@ -129,11 +155,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate(model, eval_set: EvalSet, device, precision: str, info: DistInfo) -> dict:
+def evaluate(model, eval_set, device, precision: str, info: DistInfo) -> dict:
     """Loss (nats/token), perplexity, next-token accuracy and bits per character/byte on the
     eval set, by the scoring `babyllama eval --task lm` uses; {} when it has no target.
     Batches are split across ranks and the sums reduced, so DDP evaluates each window once.
+    An eval set of another stage (held-out pairs) brings its own `evaluate` with these
+    arguments and returns its own `val_*` numbers.
     """
+    if not isinstance(eval_set, EvalSet):
+        return eval_set.evaluate(model, device, precision, info)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=wide_float(device), device=device)  # nats, tokens, correct
@@ -211,9 +241,10 @@ class TrainSetup:
 @dataclass
 class StepResult:
     """What one optimizer step measured (the same numbers on every rank)."""
-    loss: float       # mean cross-entropy over the step's target tokens, nats (nan: no target)
+    loss: float       # mean loss over the step's units (target tokens: nats) (nan: no unit)
     grad_norm: float  # global L2 norm of that mean's gradient, before clipping
-    tokens: int       # target tokens in the step, all micro-steps and ranks
+    tokens: int       # units in the step (target tokens; pairs for DPO), all micro-steps and ranks
+    stats: dict = None  # the objective's logged means over the step's units (Loss.stats)
 
     @property
     def finite(self) -> bool:
@@ -237,32 +268,39 @@ def optimizer_step(s: TrainSetup, train_data: TrainData, step: int) -> StepResul
     # A constant, the same on every rank and micro-step, or the rescaling below would not be
     # exact; a micro-batch's positions keep the backward's magnitudes those of a mean loss,
     # which fp16 loss scaling relies on.
-    norm = t.batch_size * t.seq_len
-    # [loss sum, target count]: one tensor, so DDP reduces (and the host reads) both at once.
+    norm = getattr(train_data, "units_per_micro", t.batch_size * t.seq_len)
+    objective = getattr(train_data, "loss", lm_loss)
+    # [loss sum, unit count, stats...]: one tensor, so DDP reduces (and the host reads) all at once.
     sums = torch.zeros(2, dtype=torch.float32, device=s.device)  # (no float64 on MPS)
+    stats: dict[str, torch.Tensor] = {}
     for micro in range(t.grad_accum):
-        x, y, extra = train_data.get(step, micro, s.device)
+        batch = train_data.get(step, micro, s.device)
         # DDP all-reduces gradients on every backward; skip that on all but the last
         # micro-step of the accumulation.
         sync = micro == t.grad_accum - 1
         no_sync = s.ddp_model.no_sync() if s.info.enabled and not sync else contextlib.nullcontext()
         with no_sync, autocast_context(s.precision, s.device):
-            _, loss_sum = s.forward_model(x, y, loss_reduction="sum", **extra)
-        scaled = loss_sum / norm
+            loss = objective(s.forward_model, batch)
+        scaled = loss.total / norm
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
-        sums[0] += loss_sum.detach().float()
-        sums[1] += (y != -100).sum()
+        sums[0] += loss.total.detach().float()
+        sums[1] += loss.units
+        for name, value in loss.stats.items():
+            stats[name] = stats.get(name, 0) + value.detach().float()
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
-    loss_total, tokens = all_reduce_sum(sums, s.info).tolist()
-    tokens = int(tokens)
+    names = sorted(stats)
+    packed = torch.cat([sums, torch.stack([stats[n] for n in names])]) if names else sums
+    reduced = all_reduce_sum(packed, s.info).tolist()
+    loss_total, tokens = reduced[0], int(reduced[1])
+    step_stats = {n: v / tokens for n, v in zip(names, reduced[2:])} if tokens else {}
     # DDP averaged the gradients over ranks: x world_size gives their sum, / tokens the mean.
     # No target at all (possible only with hand-made data) makes the step non-finite: skipped.
     grads = [p.grad for p in s.model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, norm * s.info.world_size / tokens if tokens else math.nan)
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
-    result = StepResult(loss_total / tokens if tokens else math.nan, float(grad_norm), tokens)
+    result = StepResult(loss_total / tokens if tokens else math.nan, float(grad_norm), tokens, step_stats)
     if s.scaler is not None:
         if tokens:
             s.scaler.step(s.optimizer)  # skips the update by itself on inf/nan gradients
@@ -303,7 +341,7 @@ def log_step(metrics: MetricsLog | None, bar, done: int, tokens_seen: int, resul
     """Write the step's training record (main process) and show it on the progress bar;
     returns the record."""
     record = {"step": done, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
-              "grad_norm": result.grad_norm, "tok_per_s": tok_per_s}
+              "grad_norm": result.grad_norm, "tok_per_s": tok_per_s, **(result.stats or {})}
     if metrics:
         metrics.write(record)
     bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
@@ -330,8 +368,12 @@ def evaluate_and_log(s: TrainSetup, eval_set: EvalSet, run: Run, metrics: Metric
     result = evaluate(s.model, eval_set, s.device, s.precision, s.info)
     if result and metrics:
         metrics.write({"step": done, "tokens": tokens_seen, **result})
-        bar.write(f"step {done}: val loss {result['val_loss']:.3f}  ppl {result['val_ppl']:.1f}"
-                  f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
+        if "val_ppl" in result:
+            line = (f"val loss {result['val_loss']:.3f}  ppl {result['val_ppl']:.1f}"
+                    f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
+        else:  # another stage's held-out numbers (val_rewards/accuracies, ...)
+            line = "  ".join(f"{k} {v:.4g}" for k, v in result.items())
+        bar.write(f"step {done}: {line}")
         plot_loss(metrics.read(), run.loss_plot_file, title=run.path.name)
     return result
 
@@ -372,7 +414,7 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int) -> Non
     at a barrier, so none runs ahead of a checkpoint that is still being written."""
     if s.info.is_main:
         state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps}
-        if s.cfg.stage == "sft":
+        if s.cfg.stage in FINETUNE_STAGES:
             state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
         write_checkpoint(run, s.model, s.optimizer, s.scaler, state)
     if s.info.enabled:
@@ -406,7 +448,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         state = load_checkpoint(run, model, optimizer, scaler)
         start_step, tokens_seen = state["step"], state["tokens"]
     # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
-    tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage == "sft", progress=False)
+    tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage in CHAT_STAGES, progress=False)
              for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
     forward_model, ddp_model = wrap_model(model, device, info, compile_model=t.compile)
     s = TrainSetup(cfg, model, forward_model, ddp_model, optimizer, scaler, precision, device, info)
@@ -425,6 +467,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         for group in optimizer.param_groups:
             group["lr"] = lr
         result = optimizer_step(s, train_data, step)
+        if hasattr(train_data, "step_stats"):  # what the stage measured itself (GRPO's rewards)
+            result.stats = {**train_data.step_stats(), **(result.stats or {})}
         tokens_seen += result.tokens
         rate.add(result.tokens)
         done = step + 1

@@ -16,9 +16,10 @@ from pathlib import Path
 from babyllama.atomic import check_output_dir
 from babyllama.errors import UserError
 from babyllama.export.gguf import write_gguf
-from babyllama.export.hf import write_hf, write_model_files
+from babyllama.export.hf import write_hf, write_hf_reward, write_model_files
 from babyllama.export.onnx import write_onnx
 from babyllama.export.source import load_export_source
+from babyllama.run import Run
 
 # Weight types per format; the first is the default.
 DTYPES: dict[str, tuple[str, ...]] = {
@@ -81,6 +82,14 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = N
         # things, whose files would be listed as exported; an earlier export is rewritten.
         check_output_dir(out, EXPORT_MARKERS[fmt], ANY_NAME)
     path = gguf_path(out, run, dtype) if fmt == "gguf" else out  # checked before the model loads
+    if Run(run).is_reward_model():
+        if fmt != "hf":
+            raise UserError(f"{run}: a reward model exports only to transformers (--format hf, as "
+                            f"LlamaForSequenceClassification); {fmt} files hold language models")
+        source = Run(run)
+        model = source.load_reward_model().float().eval()
+        warnings = write_hf_reward(model, source.load_tokenizer(), out, dtype=dtype)
+        return Exported(out, sorted(p for p in out.iterdir() if p.is_file()), warnings)
     src = load_export_source(run, merge=merge)
     if fmt == "hf":
         warnings = write_hf(src.model, src.tokenizer, out, dtype=dtype, chat=src.chat)

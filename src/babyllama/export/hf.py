@@ -112,6 +112,29 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
     return write_model_files(model, tokenizer, out, chat, torch_dtype)
 
 
+def write_hf_reward(model, tokenizer: Tokenizer, out: str | Path, dtype: str = "f32") -> list[str]:
+    """The transformers directory `out` for a reward model (`RewardModel`): weights under
+    transformers' names (`model.*`, `score.weight`) and a `LlamaForSequenceClassification`
+    config with `num_labels=1`, which reads the last non-pad token's score as we do.
+    Returns the tokenizer files' warnings."""
+    from safetensors.torch import save_file
+
+    if dtype not in HF_DTYPES:
+        raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = HF_DTYPES[dtype]
+    state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    config = hf_config(model.config, tokenizer, torch_dtype)
+    # No LM head to tie; one output, read as a reward (transformers' regression head).
+    config.update(architectures=["LlamaForSequenceClassification"], tie_word_embeddings=False,
+                  num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    write_json(out / "config.json", config)
+    return write_tokenizer_files(tokenizer, out, model.config.max_position_embeddings)
+
+
 def write_model_files(model: Llama, tokenizer: Tokenizer, out: Path, chat: bool,
                       dtype: torch.dtype = torch.float32) -> list[str]:
     """What goes beside the weights (transformers' or an ONNX graph): config.json,

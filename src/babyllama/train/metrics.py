@@ -54,7 +54,15 @@ def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
 
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    # Reinforcement learning logs its reward per step (and held-out accuracy): a second panel,
+    # since the loss of a policy-gradient step says little about progress.
+    rewards = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    accuracy = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
+    if rewards:
+        fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+        plot_rewards(rx, rewards, accuracy)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         x, y = zip(*train)
         ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
@@ -68,8 +76,10 @@ def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
     if val:
         x, y = zip(*val)
         ax.plot(x, y, "o-", color="tab:orange", label="validation")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    # Pair objectives (DPO, reward model) log per-pair losses; GRPO per answer token.
+    pairs = any("rewards/margins" in r or "margin" in r for r in records)
+    ax.set_xlabel("pairs seen" if pairs else "answer tokens trained" if rewards else "tokens seen")
+    ax.set_ylabel("loss (per pair)" if pairs else "policy loss" if rewards else "cross-entropy (nats/token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -77,3 +87,18 @@ def plot_loss(records: list[dict], path: Path, title: str = "") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def plot_rewards(ax, rewards: list[tuple[int, float]], accuracy: list[tuple[int, float]]) -> None:
+    """Mean reward per step (raw and a 10-step moving average) and held-out accuracy."""
+    x, y = zip(*rewards)
+    ax.plot(x, y, color="tab:green", alpha=0.3, linewidth=0.8)
+    window = [sum(y[max(0, i - 9):i + 1]) / len(y[max(0, i - 9):i + 1]) for i in range(len(y))]
+    ax.plot(x, window, color="tab:green", label="mean reward (10-step average)")
+    if accuracy:
+        ax.plot(*zip(*accuracy), "o-", color="tab:red", label="held-out accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_title("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -12,14 +12,17 @@ def add_parser(subparsers) -> None:
     from babyllama.eval.tasks import TASKS
 
     ev = subparsers.add_parser("eval", help="score a run: lm (perplexity, bits/char), rouge, choice "
-                                            "(C-Eval/CMMLU), generation (distinct-n, loop rate)",
+                                            "(C-Eval/CMMLU), generation (distinct-n, loop rate), math "
+                                            "(final-answer accuracy, pass@k)",
                                description="Evaluate a run directory (base, SFT or LoRA) on one task; the "
                                            "table is printed and written to RUN/eval/NAME.md and .json.")
     ev.add_argument("run", help="a run directory (or a transformers Llama directory)")
     ev.add_argument("--task", required=True, choices=TASKS)
     ev.add_argument("--data", required=True,
                     help="lm: text/jsonl/folder or a prepared dataset; rouge: tsv/csv/jsonl/LCSTS; "
-                         "choice: a C-Eval/CMMLU folder or jsonl; generation: prompts (txt/jsonl)")
+                         "choice: a C-Eval/CMMLU folder or jsonl; generation: prompts (txt/jsonl); "
+                         "math: problems with answers (jsonl: Ape210K, GSM8K, {question, answer}) or "
+                         "builtin:arith-zh#test")
     ev.add_argument("--limit", type=int, default=None,
                     help="quick run: first N documents / examples / prompts (choice: per subject)")
     ev.add_argument("--batch-size", type=int, default=None, help="prompts or rows per batch "
@@ -35,7 +38,11 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--shots", type=int, default=0, help="choice: examples from the dev split")
     ev.add_argument("--subject", action="append", help="choice: only this subject (repeatable)")
     ev.add_argument("--shots-file", help="choice: examples for a jsonl exam")
-    ev.add_argument("--template", help="rouge: the prompt, with {text} where the source goes")
+    ev.add_argument("--template", help="rouge: the prompt, with {text} where the source goes; "
+                                       "math: with {question}")
+    ev.add_argument("--k", type=int, default=1, help="math: pass@k (k > 1 needs sampling: --temperature)")
+    ev.add_argument("--samples", type=int, default=None,
+                    help="math: answers sampled per problem for pass@k (default k)")
     ev.add_argument("--rouge-level", default="char", choices=["char", "word"],
                     help="rouge: characters, or jieba words")
     ev.add_argument("--source-field", help="rouge: field/column of the text to summarize")
@@ -62,6 +69,10 @@ def eval_options(args, chat: bool):
         if args.task == "rouge":
             spec.update(level=args.rouge_level, source_field=args.source_field,
                         target_field=args.target_field)
+            if args.template:
+                spec["template"] = args.template.replace("\\n", "\n")
+        elif args.task == "math":
+            spec.update(k=args.k, samples=args.samples)
             if args.template:
                 spec["template"] = args.template.replace("\\n", "\n")
         else:

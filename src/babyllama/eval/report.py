@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 from babyllama.atomic import atomic_write_text
@@ -46,9 +47,11 @@ def markdown_table(columns: list[str], rows: list[dict]) -> str:
 
 
 def default_name(task: str, data: str) -> str:
-    """`choice-cmmlu`, `lm-paragraphs`: the task and the data's file or folder name."""
+    """`choice-cmmlu`, `lm-paragraphs`, `math-builtin-arith-zh-test`: the task and the data's
+    file or folder name, with characters a file name cannot hold everywhere (":", "#") as "-"."""
     stem = Path(data.rstrip("/")).stem or "data"
-    return f"{task}-{stem}"
+    safe = re.sub(r"[^\w.-]+", "-", stem)
+    return f"{task}-{safe}"
 
 
 def write_result(result: EvalResult, run_dir: str | Path, name: str | None = None) -> Path:

@@ -10,7 +10,7 @@ answer token is PPO's clipped objective (Schulman et al. 2017),
     -min(ρ A, clip(ρ, 1 - ε, 1 + ε) A),   ρ = π(token) / π_old(token),
 
 plus β times the k3 estimate of KL(π || π_ref), exp(ref - logp) - (ref - logp) - 1 (Schulman
-2020), when grpo.beta > 0; and it is normalised over all answer tokens of the step, every
+2020), weighted by ρ as TRL does by default, when grpo.beta > 0; and it is normalised over all answer tokens of the step, every
 micro-step and rank (TRL's default `loss_type="dapo"`, which the trainer's token-correct
 accumulation gives exactly). Log-probs are taken at the sampling temperature, as the answers
 were drawn. One update is made per batch of samples, so π_old is π itself (detached) and the
@@ -71,9 +71,12 @@ def grpo_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     losses = -torch.min(ratio * A, clipped * A)
     stats = {"clip_ratio": (((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon) & (A > 0)))[mask].float().sum()}
     if beta:
-        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        losses = losses + beta * kl
+        # Weighted by the ratio, as TRL's default use_bias_correction_kl: the samples come from
+        # π_old, so this keeps the KL gradient unbiased when π has moved away from it (with one
+        # update per sample the ratio is 1, and only the gradient gains the kl·∇log π term).
+        kl = (torch.exp(ref_logps - logps) - (ref_logps - logps) - 1) * ratio
         stats["kl"] = kl[mask].detach().sum()
+        losses = losses + beta * kl
     return losses * mask, stats
 
 

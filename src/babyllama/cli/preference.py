@@ -106,6 +106,13 @@ def cmd_stage(args) -> None:
     values = stage_values(args, parse_overrides(args.overrides))
     if "sources" in values["sft"]:
         values["sft"]["sources"] = [absolute_source(s) for s in values["sft"]["sources"]]
+    reward = values.get("grpo", {}).get("reward") if isinstance(values.get("grpo"), dict) else None
+    if isinstance(reward, str):  # file paths absolute, so --resume works from any directory
+        target, _, name = reward.rpartition(":")
+        if reward.startswith("rm:"):
+            values["grpo"]["reward"] = "rm:" + str(Path(reward[3:]).resolve())
+        elif target.endswith(".py"):
+            values["grpo"]["reward"] = f"{Path(target).resolve()}:{name}"
     if args.resume:
         stage = Run(args.out).config().stage
         if stage != args.stage:

@@ -121,8 +121,8 @@ def save_reference(run: Run, tables: dict[str, torch.Tensor], key: str) -> None:
 
 
 def load_reference(run: Run, key: str) -> dict[str, torch.Tensor] | None:
-    """The stored reference log-probs, or None when there are none or they belong to other
-    pairs (the data or the template changed: they are recomputed)."""
+    """The stored reference log-probs of a resumed run, or None when there are none or they
+    belong to other pairs (the data or the template changed: they are recomputed)."""
     path = run.reference_file
     if not path.exists():
         return None
@@ -158,7 +158,10 @@ def run_dpo(cfg: RunConfig, resume: bool = False):
         reference = None
         if cfg.dpo.loss != "simpo":
             key = fingerprint(data.train + data.val)
-            reference = load_reference(run, key)
+            # Only a resumed run reads the stored table: a new run in a directory an interrupted
+            # one left behind may start from another base or adapter kind (same pairs, other
+            # reference), which the fingerprint of the pairs cannot tell.
+            reference = load_reference(run, key) if resume else None
             if reference is None:
                 model.to(device)
                 reference = compute_reference(model, {"train": data.train, "val": data.val}, t.batch_size,

@@ -183,7 +183,7 @@ class PairData:
         if self.bad.count:
             print(self.bad.summary())
         print(f"pairs: {self.summary}")
-        print(f"train: {len(self.train):,} pairs, val: {len(self.val):,} pairs; {per_step} "
+        print(f"train: {len(self.train):,} pairs, val: {len(self.val):,} pair{'' if len(self.val) == 1 else 's'}; {per_step} "
               f"-> {cfg.train.max_steps} steps")
 
 
@@ -210,7 +210,8 @@ def load_pair_data(cfg: RunConfig, tokenizer, max_len: int) -> PairData:
         vals += val_part
         lines.append(f"{path}: {len(pairs):,} pairs ({len(train_part):,} train, {len(val_part):,} val)")
     train_ex, stats = build_pairs(trains, tokenizer, max_len)
-    val_ex, _ = build_pairs(vals, tokenizer, max_len)
+    val_ex, val_stats = build_pairs(vals, tokenizer, max_len)
     if not train_ex:
         raise UserError(f"no training pairs left: {stats.summary()}")
-    return PairData(train_ex, val_ex, lines, stats.summary(), bad)
+    summary = stats.summary() + (f"; held out: {val_stats.summary()}" if vals else "")
+    return PairData(train_ex, val_ex, lines, summary, bad)

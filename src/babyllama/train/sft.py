@@ -151,6 +151,9 @@ def start_finetune(cfg: RunConfig, resume: bool) -> tuple[Run, Run]:
         raise UserError(f"{base.path}: is a LoRA run; merge it first (babyllama merge-lora "
                         f"{base.path} -o MERGED) and start from the merged run")
     base.require_trained()
+    if base.is_reward_model():
+        raise UserError(f"{base.path}: is a reward model (a scalar head, no language-model head); "
+                        f"{cfg.stage} starts from a chat (SFT) run")
     if cfg.train.seq_len > cfg.model.max_position_embeddings:
         raise UserError(f"config: train.seq_len ({cfg.train.seq_len}) is longer than "
                         f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")

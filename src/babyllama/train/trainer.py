@@ -462,36 +462,39 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     bad_in_a_row = 0
     rate = TokenRate()
 
-    for step in range(start_step, t.max_steps):
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        result = optimizer_step(s, train_data, step)
-        if hasattr(train_data, "step_stats"):  # what the stage measured itself (GRPO's rewards)
-            result.stats = {**train_data.step_stats(), **(result.stats or {})}
-        tokens_seen += result.tokens
-        rate.add(result.tokens)
-        done = step + 1
-        if not result.finite:
-            bad_in_a_row += 1
-            log_skipped_step(metrics, bar, done, tokens_seen, result, bad_in_a_row, t.max_bad_steps)
-        else:
-            bad_in_a_row = 0
-            if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
-                last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take())
-        bar.update(1)
+    # The bar is closed however the loop ends, so an error is printed on a line of its own.
+    try:
+        for step in range(start_step, t.max_steps):
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            result = optimizer_step(s, train_data, step)
+            if hasattr(train_data, "step_stats"):  # what the stage measured itself (GRPO's rewards)
+                result.stats = {**train_data.step_stats(), **(result.stats or {})}
+            tokens_seen += result.tokens
+            rate.add(result.tokens)
+            done = step + 1
+            if not result.finite:
+                bad_in_a_row += 1
+                log_skipped_step(metrics, bar, done, tokens_seen, result, bad_in_a_row, t.max_bad_steps)
+            else:
+                bad_in_a_row = 0
+                if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
+                    last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take())
+            bar.update(1)
 
-        final = done == t.max_steps
-        if final or every(done, t.eval_every):
-            if eval_set is not None:
-                last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen))
-            if tasks:
-                last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
-        if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
-            write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
-        if final or every(done, t.save_every):
-            save_checkpoint(s, run, done, tokens_seen)
-    bar.close()
+            final = done == t.max_steps
+            if final or every(done, t.eval_every):
+                if eval_set is not None:
+                    last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen))
+                if tasks:
+                    last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
+            if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
+                write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
+            if final or every(done, t.save_every):
+                save_checkpoint(s, run, done, tokens_seen)
+    finally:
+        bar.close()
     if metrics:
         plot_loss(metrics.read(), run.loss_plot_file, title=run.path.name)
     return last

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, file_kind,
-                                    json_type, jsonl_records)
+                                    is_json, json_type, jsonl_records)
 from babyllama.data.sft import SFTExample
 from babyllama.errors import UserError
 from babyllama.textfile import read_text
@@ -236,20 +236,12 @@ def _json_records(path: Path, split: str | None) -> Iterator[Record]:
     try:
         top = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and split is None and _is_json(text.split("\n", 1)[0]):
+        if e.msg == "Extra data" and split is None and is_json(text.split("\n", 1)[0]):
             return jsonl_records(path)  # JSON lines under a .json name
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     return (Record(f"{path}:{line}", item, line, line)
             for items, starts in _lists(path, text, top, split)
             for line, item in zip(starts, items))
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def _lists(path: Path, text: str, top, split: str | None) -> list[tuple[list, list[int]]]:

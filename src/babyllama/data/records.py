@@ -259,12 +259,13 @@ def json_or_lines(path: Path) -> tuple[str, Any]:
     try:
         return "json", json.loads(text) if text.strip() else None
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and _is_json(text.split("\n", 1)[0]):
+        if e.msg == "Extra data" and is_json(text.split("\n", 1)[0]):
             return "jsonl", None
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
 
 
-def _is_json(text: str) -> bool:
+def is_json(text: str) -> bool:
+    """Whether `text` is one JSON value (a .json file holding JSON lines starts with one)."""
     try:
         json.loads(text)
     except json.JSONDecodeError:

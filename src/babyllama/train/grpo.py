@@ -40,7 +40,8 @@ from babyllama.infer.generate import complete, eval_mode
 from babyllama.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from babyllama.train.logprobs import token_logps
 from babyllama.train.rewards import checked_rewards, load_reward
-from babyllama.train.sft import finetune_model, finetune_tokenizer, parse_source, start_finetune
+from babyllama.train.sft import (finetune_model, finetune_schedule, finetune_tokenizer, parse_source,
+                                 report_start, start_finetune)
 from babyllama.train.trainer import Loss, train
 
 IGNORE = -100
@@ -291,18 +292,10 @@ def run_grpo(cfg: RunConfig, resume: bool = False, eval_data: str | None = None,
             raise UserError(f"no prompt leaves room for {g.max_new_tokens} answer tokens in the context")
         batches = RolloutBatches(problems, prompts, tokenizer, cfg, reward_fn, info)
         if not resume:
-            from babyllama.train.sft import finetune_schedule
-
             cfg = finetune_schedule(cfg, batches.steps_for_epochs(cfg.sft.epochs))
             batches.cfg = cfg
         if info.is_main:
-            import yaml
-
-            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-            for line in lines:
-                print(line)
-            if bad.count:
-                print(bad.summary())
+            report_start(cfg, lines, bad)
             if dropped:
                 print(f"{dropped:,} prompts dropped: too long to leave {g.max_new_tokens} answer tokens")
             print(f"train: {len(problems):,} prompts; {batches.prompts_per_step} prompts x "

@@ -21,7 +21,7 @@ from babyllama.data.readers import BadRecords
 from babyllama.data.sft import split_validation
 from babyllama.errors import UserError
 from babyllama.train.distributed import DistInfo, all_reduce_sum
-from babyllama.train.sft import parse_source
+from babyllama.train.sft import parse_source, report_start
 from babyllama.train.trainer import Loss, autocast_context
 
 IGNORE = -100
@@ -175,13 +175,7 @@ class PairData:
 
     def report(self, cfg: RunConfig, per_step: str) -> None:
         """Print the resolved config and the data report (main process)."""
-        import yaml
-
-        print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-        for line in self.lines:
-            print(line)
-        if self.bad.count:
-            print(self.bad.summary())
+        report_start(cfg, self.lines, self.bad)
         print(f"pairs: {self.summary}")
         print(f"train: {len(self.train):,} pairs, val: {len(self.val):,} pair{'' if len(self.val) == 1 else 's'}; {per_step} "
               f"-> {cfg.train.max_steps} steps")

@@ -173,6 +173,16 @@ def finetune_tokenizer(cfg: RunConfig, base: Run) -> Tokenizer:
     return tokenizer
 
 
+def report_start(cfg: RunConfig, lines: list[str], bad: BadRecords) -> None:
+    """Print the resolved config, one line per data source and the skipped records (main
+    process, before the stage's own summary lines)."""
+    print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    for line in lines:
+        print(line)
+    if bad.count:
+        print(bad.summary())
+
+
 def finetune_schedule(cfg: RunConfig, max_steps: int) -> RunConfig:
     """Steps, evaluations, checkpoints, samples and warmup of a fine-tuning run of `max_steps`."""
     return derive_schedule(cfg, max_steps, evals=5, saves=5, samples=2, warmup_divisor=20,
@@ -219,11 +229,7 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
             cfg = finetune_schedule(cfg, steps_for(cfg, batches, n_tokens))
         t = cfg.train
         if info.is_main:
-            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
-            for line in lines:
-                print(line)
-            if bad.count:
-                print(bad.summary())
+            report_start(cfg, lines, bad)
             targets = sum(int(e.mask.sum()) for e in train_ex)
             print(f"examples: {stats.summary()}")
             print(f"train: {len(train_ex):,} examples, {n_tokens:,} tokens ({targets:,} trained), "

@@ -475,7 +475,15 @@ def rewards_module(tmp_path_factory) -> Path:
         "def nan(prompts, completions, answer):\n"
         "    return [math.nan] * len(completions)\n\n"
         "def short(prompts, completions, answer):\n"
-        "    return [0.0] * (len(completions) - 1)\n", encoding="utf-8")
+        "    return [0.0] * (len(completions) - 1)\n\n"
+        "def strings(prompts, completions, answer):\n"
+        "    return ['1'] * len(completions)\n\n"
+        "def mapping(prompts, completions, answer):\n"
+        "    return {i: 1.0 for i in range(len(completions))}\n\n"
+        "def huge(prompts, completions, answer):\n"
+        "    return [1e308, -1e308] * (len(completions) // 2)\n\n"
+        "def exits(prompts, completions, answer):\n"
+        "    raise SystemExit(3)\n", encoding="utf-8")
     return path
 
 
@@ -601,7 +609,13 @@ def test_a_python_reward_is_found_as_module_function_or_file_function(rewards_mo
     ("broken", r"prompts\.jsonl:(\d+): the reward function broken raised ValueError: no reward today "
                r"\(prompt '(.+)'\.\.\.\)"),
     ("nan", r"prompts\.jsonl:(\d+): the reward function nan returned nan for the prompt '(.+)'"),
-    ("short", r"the reward function short returned 3 rewards for 4 completions"),
+    ("short", r"prompts\.jsonl:\d+: the reward function short returned 3 rewards for 4 completions"),
+    ("strings", r"prompts\.jsonl:(\d+): the reward function strings returned str '1' for the prompt '(.+)', "
+                r"not a number"),
+    ("mapping", r"the reward function mapping must return a list of numbers, got dict"),
+    ("huge", r"prompts\.jsonl:(\d+): the reward function huge returned 1e\+308 for the prompt '(.+)' "
+             r"\(rewards must be finite"),
+    ("exits", r"the reward function exits raised SystemExit: 3"),
 ])
 def test_a_bad_reward_function_stops_grpo_in_one_line(loose_chat, prompts_file, rewards_module, tmp_path,
                                                       capsys, function, message):
@@ -733,3 +747,59 @@ def test_an_error_during_training_starts_its_own_line(loose_chat, prompts_file, 
                      "train.max_steps=1", *GRPO_FAST)
     one_line_error(rc, err, "no reward today")
     assert any(line.startswith("error: ") for line in err.split("\n")), repr(err)
+
+
+def test_grpo_prompts_need_no_answer_for_a_reward_that_checks_none(loose_chat, rewards_module, tmp_path, capsys):
+    # RLHF prompts are plain questions: only the math reward needs a numeric answer.
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": q} for q in QUESTIONS])
+    rc, _, err = cli(capsys, "grpo", "--base", loose_chat, "--data", plain, "-o", tmp_path / "g",
+                     f"grpo.reward={rewards_module}:weather", "grpo.num_generations=2", "train.batch_size=4",
+                     "train.max_steps=1", *GRPO_FAST)
+    assert rc == 0, err[-2000:]
+    rc, _, err = cli(capsys, "grpo", "--base", loose_chat, "--data", plain, "-o", tmp_path / "m",
+                     "train.max_steps=1", *GRPO_FAST)
+    one_line_error(rc, err, "plain.jsonl:1", "no answer field")
+
+
+def test_grpo_prompts_follow_the_system_prompt(loose_chat, prompts_file, tmp_path):
+    from babyllama.data.problems import iter_problems
+    from babyllama.run import Run
+    from babyllama.train.grpo import encode_prompts
+
+    tokenizer = Run(loose_chat).load_tokenizer()
+    problems = list(iter_problems(prompts_file))[:2]
+    _, plain, _ = encode_prompts(problems, tokenizer, 128, 8)
+    _, led, _ = encode_prompts(problems, tokenizer, 128, 8, system="你是一个助手。")
+    assert all(len(b) > len(a) for a, b in zip(plain, led))
+    assert "你是一个助手。" in tokenizer.decode(led[0])
+
+
+@pytest.mark.parametrize("stage, args, needles", [
+    ("dpo", ["dpo.beta=nan"], ["dpo.beta must be a finite number"]),
+    ("reward", ["train.lr=inf"], ["train.lr must be a finite number"]),
+    ("grpo", ["dpo.beta=0.5"], ["dpo.* settings are for `babyllama dpo`, not grpo"]),
+    ("grpo", ["grpo.max_prompts=-1"], ["grpo.max_prompts must not be negative"]),
+])
+def test_settings_that_cannot_work_are_refused_before_training(chat_run, pairs_file, tmp_path, capsys,
+                                                               stage, args, needles):
+    rc, _, err = cli(capsys, stage, "--base", chat_run, "--data", pairs_file, "-o", tmp_path / "x", *QUIET, *args)
+    one_line_error(rc, err, *needles)
+
+
+def test_resume_without_state_and_an_output_file_are_refused_at_once(chat_run, pairs_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    from babyllama.errors import UserError
+    from babyllama.train import dpo
+
+    def interrupted(*args, **kwargs):  # a run stopped while computing its reference log-probs
+        raise UserError("interrupted")
+
+    monkeypatch.setattr(dpo, "compute_reference", interrupted)
+    rc, _, err = cli(capsys, "dpo", "--base", chat_run, "--data", pairs_file, "-o", tmp_path / "run", *QUIET)
+    one_line_error(rc, err, "interrupted")
+    monkeypatch.setattr(dpo, "compute_reference", lambda *a, **k: pytest.fail("work before the check"))
+    rc, _, err = cli(capsys, "dpo", "-o", tmp_path / "run", "--resume")
+    one_line_error(rc, err, "nothing to resume")
+    (tmp_path / "file.jsonl").write_text("", encoding="utf-8")
+    rc, _, err = cli(capsys, "dpo", "--base", chat_run, "--data", pairs_file, "-o", tmp_path / "file.jsonl", *QUIET)
+    one_line_error(rc, err, "file.jsonl: exists and is not a directory")

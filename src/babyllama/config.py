@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -231,6 +232,8 @@ class GRPOConfig:
             out.append(f"grpo.beta must not be negative, got {self.beta}")
         if not self.reward:
             out.append("grpo.reward must name a reward: math, rm:PATH or module:function")
+        if self.max_prompts < 0:
+            out.append(f"grpo.max_prompts must not be negative (0: all), got {self.max_prompts}")
         return out
 
 
@@ -314,13 +317,20 @@ def _coerce(value, hint, key: str, source: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting is meaningful at nan or inf (a learning rate, β, a margin): refused
+            # here rather than surfacing as skipped steps or an optimizer's traceback.
+            if not math.isfinite(number):
+                raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -469,7 +479,7 @@ def stage_defaults(cfg: RunConfig, stage: str, base: RunConfig) -> RunConfig:
     elif stage == "grpo":
         t.lr = base.train.lr * 0.05
         out.sft.epochs = 1.0
-        out.sft.val_fraction = 0.0
+        out.sft.val_fraction = 0.04  # the math reward's held-out problems (greedy accuracy)
     return out
 
 
@@ -499,6 +509,11 @@ def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
     else:
         raise UserError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
     values = (overrides if isinstance(overrides, dict) else parse_overrides(overrides)) if overrides else {}
+    for section in ("dpo", "reward", "grpo"):
+        if section in values and section != stage:
+            # Saved configs keep only their own stage's section: the setting would vanish unread.
+            raise UserError(f"command line: {section}.* settings are for `babyllama {section}`, "
+                            f"not {stage}")
     apply_values(cfg, values, "", "command line")
     cfg.user_keys = frozenset(dotted_keys(values))
     if stage in FINETUNE_STAGES and cfg.lora.enabled and "train.lr" not in cfg.user_keys:

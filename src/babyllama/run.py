@@ -219,7 +219,7 @@ class Run:
         config = config or self.model_config()
         if self.is_reward_model():
             raise UserError(f"{self.path}: is a reward model (it scores answers, it does not generate): "
-                            f"use `babyllama score {self.path} --data PAIRS`, or grpo.reward=rm:{self.path}")
+                            f"use `babyllama score {self.path} --data PAIRS`, or `babyllama grpo --reward rm:{self.path}`")
         if self.has_weights():
             model = Llama(config)
             load_weights(model, self.weights_file)
@@ -281,8 +281,13 @@ class Run:
 
     def check_training_start(self, resume: bool, max_steps: int) -> None:
         """Before a training stage starts here: a new run must not overwrite one
-        (`refuse_overwrite`), a resumed one must not be behind its step (`check_resume_length`)."""
+        (`refuse_overwrite`), a resumed one must have state to resume and not be behind its step
+        (`check_resume_length`); the path must be a directory or nothing yet."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory; choose another -o")
         if resume:
+            if self.resume_dir() is None:
+                raise UserError(f"{self.path}: nothing to resume (no resume/ state); start without --resume")
             self.check_resume_length(max_steps)
         else:
             self.refuse_overwrite()

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
             p.add_argument("--eval-data", dest="eval_data",
                            help="problems scored (greedy exact match) at each evaluation "
                                 "(default: the held-out share of --data, math reward only)")
-            p.add_argument("--eval-limit", dest="eval_limit", type=int, default=200,
+            p.add_argument("--eval-limit", dest="eval_limit", type=positive, default=200,
                            help="at most this many evaluation problems (default 200)")
         if stage != "reward":
             p.add_argument("--lora", action="store_true", help="train low-rank adapters only")
@@ -64,11 +64,26 @@ def add_parser(subparsers) -> None:
                                            "the margin, and the pairwise accuracy over the file.")
     sc.add_argument("run", help="a reward model run (babyllama reward)")
     sc.add_argument("--data", required=True, help="preference pairs (any format `babyllama dpo` reads)")
-    sc.add_argument("--limit", type=int, help="score at most this many pairs")
-    sc.add_argument("--show", type=int, default=10, help="pairs to print (default 10; the accuracy covers all)")
+    sc.add_argument("--limit", type=positive, help="score at most this many pairs")
+    sc.add_argument("--show", type=positive, default=10, help="pairs to print (default 10; the accuracy covers all)")
     sc.add_argument("--jsonl", help="also write every pair's rewards to this JSON lines file")
-    sc.add_argument("--device", default="auto")
+    sc.add_argument("--format", help="the pair schema of every file: prompt, sharegpt or openai (default: detected)")
+    sc.add_argument("--skip-bad-records", action="store_true", help="skip and count malformed pairs")
+    sc.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, mps")
     sc.set_defaults(func=cmd_score)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def stage_values(args, values: dict) -> dict:
@@ -152,13 +167,17 @@ def cmd_score(args) -> None:
     from babyllama.run import Run
     from babyllama.train.pairs import pair_scores
 
+    if args.jsonl and Path(args.jsonl).is_dir():
+        raise UserError(f"--jsonl {args.jsonl}: is a directory; name a file")
     run = Run(args.run)
     run.require_exists()
     model = run.load_reward_model()
     device = pick_device(args.device)
     model.to(device).eval()
     tokenizer = run.load_tokenizer()
-    pairs = list(iter_pairs(args.data))
+    # Pairs are scored as the reward model was trained: with its default system prompt.
+    system = run.config().sft.system_prompt or None
+    pairs = list(iter_pairs(args.data, args.format, skip_bad=args.skip_bad_records, system=system))
     if args.limit:
         pairs = pairs[:args.limit]
     examples, stats = build_pairs(pairs, tokenizer, model.config.max_position_embeddings)

@@ -77,6 +77,9 @@ def cmd_serve(args) -> None:
                         "pip install 'babyllama[serve]'") from None
     from babyllama.run import Run
 
+    if Run(args.run).is_reward_model():  # before the port is bound and the server announced
+        raise UserError(f"{args.run}: is a reward model (it scores answers, it does not generate): "
+                        f"use `babyllama score {args.run} --data PAIRS`")
     if args.max_batch < 1 or args.max_queue < 1:
         raise UserError("--max-batch and --max-queue must be at least 1")
     if not 0 <= args.port <= 65535:

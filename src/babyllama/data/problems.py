@@ -169,9 +169,11 @@ class BadProblem(Exception):
 
 
 def iter_problems(source, *, skip_bad: bool = False, bad: BadRecords | None = None,
-                  limit: int | None = None, seed: int = 0) -> Iterator[Problem]:
+                  limit: int | None = None, seed: int = 0, answers: bool = True) -> Iterator[Problem]:
     """The problems of a file (see the module docstring) or of `builtin:arith-zh[#split]`
     (#train when no split is named; `seed` draws its names and objects), at most `limit`.
+    `answers=False` reads prompts whose answer is optional and any text (`answer` ""): the
+    prompts of a reward that does not check a number (a reward model, a Python function).
 
     Raises UserError for a missing or unsupported file and, unless `skip_bad`, the first bad
     record; with `skip_bad` bad records are counted in `bad`."""
@@ -187,7 +189,7 @@ def iter_problems(source, *, skip_bad: bool = False, bad: BadRecords | None = No
             report(record.where, record.value.problem, record.value.reason)
             continue
         try:
-            problem = _problem(record.value, record.where)
+            problem = _problem(record.value, record.where, answers)
         except BadProblem as e:
             report(record.where, str(e))
             continue
@@ -221,10 +223,15 @@ def _json_list(path: Path) -> Iterator[Record]:
         yield Record(f"{path}:{line}", item, line, line)
 
 
-def _problem(record, where: str) -> Problem:
+def _problem(record, where: str, answers: bool = True) -> Problem:
     if not isinstance(record, dict):
         raise BadProblem(f"expected a JSON object, found {json_type(record)}")
     question = _text(record, QUESTION_FIELDS, "question")
+    if not answers:
+        has = any(n in record for n in ANSWER_FIELDS)
+        answer = _text(record, ANSWER_FIELDS, "answer") if has and record[next(
+            n for n in ANSWER_FIELDS if n in record)] not in ("", None) else ""
+        return Problem(question, answer, where, None if record.get("id") is None else str(record["id"]))
     answer = _text(record, ANSWER_FIELDS, "answer")
     if "####" in answer:  # GSM8K: a worked solution, then "#### 72"
         answer = answer.rsplit("####", 1)[1].strip()

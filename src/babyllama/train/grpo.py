@@ -219,9 +219,16 @@ class HeldOutProblems:
     of the final answer): `evaluate` returns val_accuracy (main process; every rank computes
     the same greedy answers, so no reduction is needed)."""
 
-    def __init__(self, data: str, limit: int, tokenizer, max_new_tokens: int):
+    def __init__(self, data: str | list[Problem], limit: int, tokenizer, context: int, max_new_tokens: int):
         self.tokenizer = tokenizer
-        self.options = MathOptions(data=data, limit=limit or None, chat=True, progress=False,
+        # Read and fitted now, so a bad file stops the run before training, not at the first
+        # evaluation; problems too long to leave room for the answer are dropped and counted.
+        problems = list(iter_problems(data, limit=limit)) if isinstance(data, str) else data[:limit]
+        kept, _, self.dropped = encode_prompts(problems, tokenizer, context, max_new_tokens)
+        if not kept:
+            raise UserError(f"{data if isinstance(data, str) else 'the held-out problems'}: no problem "
+                            f"leaves room for {max_new_tokens} answer tokens in the context")
+        self.options = MathOptions(data=kept, chat=True, progress=False,
                                    generation=decoding_defaults("eval-generation", temperature=0.0,
                                                                 max_new_tokens=max_new_tokens))
         self.options.check()
@@ -230,7 +237,8 @@ class HeldOutProblems:
         policy = model.get_base_model() if hasattr(model, "get_base_model") else model
         with eval_mode(policy):
             result = run_math(policy, self.tokenizer, self.options)
-        return {f"val_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "n"}
+        return {f"val_{k}": v for k, v in result.metrics.items()
+                if isinstance(v, (int, float)) and k not in ("n", "samples")}
 
 
 def read_problems(cfg: RunConfig) -> tuple[list[Problem], list[Problem], list[str], BadRecords]:
@@ -244,10 +252,12 @@ def read_problems(cfg: RunConfig) -> tuple[list[Problem], list[Problem], list[st
         path, weight = parse_source(spec)
         if weight != 1:
             raise UserError(f"data source '{spec}': weights (@) mix conversation files; prompts are used as they are")
-        problems = list(iter_problems(path, skip_bad=s.skip_bad_records, bad=bad))
+        math = cfg.grpo.reward == "math"
+        problems = list(iter_problems(path, skip_bad=s.skip_bad_records, bad=bad, answers=math))
         if not problems:
             raise UserError(f"{path}: no usable prompts")
-        train_part, val_part = split_validation(problems, s.val_fraction, cfg.train.seed + k)
+        # A held-out share is scored by the math task; other rewards train on every prompt.
+        train_part, val_part = split_validation(problems, s.val_fraction if math else 0.0, cfg.train.seed + k)
         if cfg.grpo.max_prompts:
             train_part = train_part[:cfg.grpo.max_prompts]
         trains += train_part
@@ -257,15 +267,16 @@ def read_problems(cfg: RunConfig) -> tuple[list[Problem], list[Problem], list[st
     return trains, vals, lines, bad
 
 
-def encode_prompts(problems: list[Problem], tokenizer, context: int, max_new_tokens: int
-                   ) -> tuple[list[Problem], list[list[int]], int]:
-    """(problems kept, their chat prompts, how many were dropped for not leaving room for the
-    answer in the context)."""
+def encode_prompts(problems: list[Problem], tokenizer, context: int, max_new_tokens: int,
+                   system: str | None = None) -> tuple[list[Problem], list[list[int]], int]:
+    """(problems kept, their chat prompts (after `system`, when given), how many were dropped
+    for not leaving room for the answer in the context)."""
     kept, prompts, dropped = [], [], 0
     budget = prompt_budget(context, max_new_tokens)
+    lead = [{"role": "system", "content": system}] if system else []
     for p in problems:
         try:
-            ids, _ = prompt_ids(tokenizer, [{"role": "user", "content": p.question}], budget=budget)
+            ids, _ = prompt_ids(tokenizer, lead + [{"role": "user", "content": p.question}], budget=budget)
         except UserError:
             dropped += 1
             continue
@@ -287,7 +298,7 @@ def run_grpo(cfg: RunConfig, resume: bool = False, eval_data: str | None = None,
         reward_fn = load_reward(g.reward, format_bonus=g.format_bonus, device=device)
         train_problems, val_problems, lines, bad = read_problems(cfg)
         problems, prompts, dropped = encode_prompts(train_problems, tokenizer, cfg.model.max_position_embeddings,
-                                                    g.max_new_tokens)
+                                                    g.max_new_tokens, cfg.sft.system_prompt or None)
         if not problems:
             raise UserError(f"no prompt leaves room for {g.max_new_tokens} answer tokens in the context")
         batches = RolloutBatches(problems, prompts, tokenizer, cfg, reward_fn, info)
@@ -311,7 +322,10 @@ def run_grpo(cfg: RunConfig, resume: bool = False, eval_data: str | None = None,
         if eval_data is None and g.reward == "math" and val_problems:
             eval_data = val_problems  # the held-out share, scored by the math task
         if eval_data is not None:
-            eval_set = HeldOutProblems(eval_data, eval_limit, tokenizer, g.max_new_tokens)
+            eval_set = HeldOutProblems(eval_data, eval_limit, tokenizer, cfg.model.max_position_embeddings,
+                                       g.max_new_tokens)
+            if eval_set.dropped and info.is_main:
+                print(f"evaluation: {eval_set.dropped:,} problems dropped (too long for the context)")
         train(cfg, model, tokenizer, batches, eval_set, run.path, device, info, resume=resume,
               sample_fn=chat_sample)
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,9 @@ from babyllama.eval.math import math_reward
 from babyllama.run import Run
 
 RewardFn = Callable[[list[str], list[str], list], list[float]]
+# Larger rewards overflow the group's variance in fp32 (advantages become NaN); no reward scale
+# needs them.
+MAX_REWARD = 1e6
 
 
 def load_reward(spec: str, *, format_bonus: float = 0.0, device="cpu", batch_size: int = 16) -> RewardFn:
@@ -39,6 +43,8 @@ def load_reward(spec: str, *, format_bonus: float = 0.0, device="cpu", batch_siz
         return lambda prompts, completions, answers: [
             math_reward(c, a, format_bonus) for c, a in zip(completions, answers)]
     if spec.startswith("rm:"):
+        if not spec[3:] or not Path(spec[3:]).is_dir():
+            raise UserError(f"--reward {spec}: no such reward model run directory")
         return reward_model_fn(spec[3:], device, batch_size)
     if ":" in spec:
         return python_fn(spec)
@@ -82,9 +88,12 @@ def reward_model_fn(path: str, device, batch_size: int) -> RewardFn:
 
     run = Run(path)
     if not run.is_reward_model():
-        raise UserError(f"grpo.reward=rm:{path}: not a reward model run (train one with `babyllama reward`)")
+        raise UserError(f"--reward rm:{path}: not a reward model run (train one with `babyllama reward`)")
     model = run.load_reward_model().to(device).eval()
     tokenizer = run.load_tokenizer()
+    # Conversations are scored as the reward model was trained: after its system prompt.
+    system = run.config().sft.system_prompt
+    lead = [{"role": "system", "content": system}] if system else []
     context = model.config.max_position_embeddings
     pad = tokenizer.pad_id
 
@@ -92,7 +101,8 @@ def reward_model_fn(path: str, device, batch_size: int) -> RewardFn:
     def score(prompts, completions, answers):
         rows = []
         for p, c in zip(prompts, completions):
-            ids = encode_chat(tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": c}]).ids
+            ids = encode_chat(tokenizer, lead + [{"role": "user", "content": p},
+                                                 {"role": "assistant", "content": c}]).ids
             rows.append(ids[-context:])  # the answer's end matters most to a last-token reward
         out = []
         for i in range(0, len(rows), batch_size):
@@ -114,17 +124,26 @@ def checked_rewards(fn: RewardFn, prompts: list[str], completions: list[str], an
     name = getattr(fn, "__name__", "reward")
     try:
         values = fn(prompts, completions, answers)
-    except Exception as e:  # a user's reward function failing stops the run with its reason
+    except (Exception, SystemExit) as e:  # a user's reward function failing stops the run with its reason
         raise UserError(f"{sources[0]}: the reward function {name} raised {type(e).__name__}: {e} "
                         f"(prompt {prompts[0][:40]!r}...)") from None
-    try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise UserError(f"the reward function {name} must return a list of numbers, got {values!r:.80}") from None
+    # A list (or tuple, or 1-D array) of real numbers, one per completion: a string, a dict or
+    # a number given as text is refused rather than converted into something else.
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise UserError(f"{sources[0]}: the reward function {name} must return a list of numbers, "
+                        f"got {type(values).__name__} {values!r:.60}")
     if len(values) != len(completions):
-        raise UserError(f"the reward function {name} returned {len(values)} rewards for "
+        raise UserError(f"{sources[0]}: the reward function {name} returned {len(values)} rewards for "
                         f"{len(completions)} completions")
+    out = []
     for v, p, where in zip(values, prompts, sources):
-        if not math.isfinite(v):
-            raise UserError(f"{where}: the reward function {name} returned {v} for the prompt {p[:40]!r}")
-    return values
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise UserError(f"{where}: the reward function {name} returned {type(v).__name__} {v!r:.40} "
+                            f"for the prompt {p[:40]!r}, not a number")
+        if not math.isfinite(v) or abs(v) > MAX_REWARD:
+            raise UserError(f"{where}: the reward function {name} returned {v} for the prompt {p[:40]!r} "
+                            f"(rewards must be finite, at most {MAX_REWARD:g} in size)")
+        out.append(float(v))
+    return out

@@ -620,9 +620,12 @@ def _is_chatterbot(sample: Sample) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Normal form
 
-def _finish(turns: list[tuple[str, object]], alternating: bool = False,
-            noun: str = "message") -> Parsed:
-    """Validated messages and system prompt of (role, content) turns; raises BadRecord."""
+def merge_turns(turns: list[tuple[str, object]], noun: str = "message") -> tuple[str | None, list[dict]]:
+    """(system prompt, messages) of (role, content) turns: contents stripped, a leading system
+    turn as the system prompt, consecutive turns of one role joined by a newline (a user who
+    sends two messages in a row asked one question). Raises BadRecord naming `noun` i for a
+    content that is not a string or is empty, or a system turn after the first message. Shared
+    by the conversation and the preference-pair readers."""
     system = None
     messages: list[dict] = []
     for i, (role, content) in enumerate(turns, 1):
@@ -640,6 +643,13 @@ def _finish(turns: list[tuple[str, object]], alternating: bool = False,
             messages[-1]["content"] += "\n" + content
         else:
             messages.append({"role": role, "content": content})
+    return system, messages
+
+
+def _finish(turns: list[tuple[str, object]], alternating: bool = False,
+            noun: str = "message") -> Parsed:
+    """Validated messages and system prompt of (role, content) turns; raises BadRecord."""
+    system, messages = merge_turns(turns, noun)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("a single utterance, no reply" if alternating else "no assistant turn")
     unanswered = 0

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from babyllama.data.conversations import BadRecord, merge_turns
 from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, file_kind,
                                     is_json, json_type, jsonl_records)
 from babyllama.data.sft import SFTExample
@@ -386,20 +387,10 @@ def _messages(items, name: str) -> list[Turn]:
 def _history(turns: list[Turn], name: str) -> tuple[list[dict], str | None]:
     """(messages, system) of the turns before the answers (`name`: the field they come from):
     a leading system prompt, the rest merged by role and ending with a user turn."""
-    system, messages = None, []
-    for i, (role, content) in enumerate(turns, 1):
-        if not content:
-            raise BadPair(f"message {i} of '{name}' ({role}) is empty")
-        if role == "system":
-            if messages:
-                raise BadPair(f"message {i} of '{name}' is a system message inside the "
-                              f"conversation; only a leading one is supported")
-            system = content if system is None else f"{system}\n{content}"
-        elif messages and messages[-1]["role"] == role:
-            # A user who sends two messages in a row asked one question.
-            messages[-1]["content"] += "\n" + content
-        else:
-            messages.append({"role": role, "content": content})
+    try:
+        system, messages = merge_turns(turns, f"'{name}' message")
+    except BadRecord as e:
+        raise BadPair(str(e)) from None
     if not messages:
         raise BadPair(f"no user turn in '{name}' before the answers")
     if messages[-1]["role"] != "user":

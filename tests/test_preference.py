@@ -803,3 +803,35 @@ def test_resume_without_state_and_an_output_file_are_refused_at_once(chat_run, p
     (tmp_path / "file.jsonl").write_text("", encoding="utf-8")
     rc, _, err = cli(capsys, "dpo", "--base", chat_run, "--data", pairs_file, "-o", tmp_path / "file.jsonl", *QUIET)
     one_line_error(rc, err, "file.jsonl: exists and is not a directory")
+
+
+def test_two_ddp_processes_train_dpo_like_one_process(chat_run, pairs_file, tmp_path):
+    """DPO under torchrun: two ranks of 2 pairs each take the same pairs as one process of 4,
+    so the step's loss, its gradient norm, the weights and the held-out numbers (reduced over
+    ranks) are the same."""
+    import sys
+
+    common = ["--base", str(chat_run), "--data", str(pairs_file), "train.max_steps=2", "train.schedule=constant",
+              "train.warmup_steps=0", "train.grad_clip=0", "train.device=cpu", "train.precision=fp32",
+              "train.eval_every=2", "train.sample_every=0", "train.sample_prompts=[]", "train.log_every=1"]
+    one = subprocess.run(babyllama_cmd() + ["dpo", *common, "-o", str(tmp_path / "one"), "train.batch_size=4"],
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "babyllama.cli", "dpo", *common, "-o", str(tmp_path / "two"), "train.batch_size=2"],
+        env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    steps_a, steps_b = [r for r in a if "loss" in r], [r for r in b if "loss" in r]
+    assert [r["tokens"] for r in steps_a] == [r["tokens"] for r in steps_b] == [4, 8]  # pairs
+    for x, y in zip(steps_a, steps_b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+        assert y["rewards/accuracies"] == pytest.approx(x["rewards/accuracies"])
+    val_a, val_b = [r for r in a if "val_loss" in r][-1], [r for r in b if "val_loss" in r][-1]
+    assert val_b["val_loss"] == pytest.approx(val_a["val_loss"], rel=1e-4)
+    wa = load_file(str(tmp_path / "one" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)

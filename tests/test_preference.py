@@ -835,3 +835,9 @@ def test_two_ddp_processes_train_dpo_like_one_process(chat_run, pairs_file, tmp_
     wb = load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+
+
+def test_a_flag_and_an_override_that_disagree_are_refused(chat_run, pairs_file, tmp_path, capsys):
+    rc, _, err = cli(capsys, "dpo", "--base", chat_run, "--data", pairs_file, "-o", tmp_path / "x",
+                     "--loss", "ipo", "dpo.loss=simpo", *QUIET)
+    one_line_error(rc, err, "--loss ipo and dpo.loss=simpo disagree")

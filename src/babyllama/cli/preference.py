@@ -100,8 +100,17 @@ def stage_values(args, values: dict) -> dict:
         sft["skip_bad_records"] = True
     section = {"dpo": ("loss", "beta"), "grpo": ("reward", "num_generations"), "reward": ()}[args.stage]
     for key in section:
-        if getattr(args, key, None) is not None:
-            values.setdefault(args.stage, {})[key] = getattr(args, key)
+        flag = getattr(args, key, None)
+        if flag is None:
+            continue
+        given = values.setdefault(args.stage, {})
+        if not isinstance(given, dict):
+            raise UserError(f"command line: {args.stage} must be a mapping of settings")
+        if key in given and given[key] != flag:
+            # Two answers to one question: say so rather than let one win unseen.
+            raise UserError(f"command line: --{key.replace('_', '-')} {flag} and {args.stage}.{key}={given[key]} "
+                            f"disagree; give one")
+        given[key] = flag
     if getattr(args, "lora", False) or getattr(args, "qlora", False):
         lora = values.setdefault("lora", {})
         lora["enabled"] = True

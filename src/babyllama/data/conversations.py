@@ -79,7 +79,7 @@ from babyllama.data import sft_augment
 from babyllama.data.builtin import BUILTIN_CONVERSATIONS, chatterbot_files
 from babyllama.data.problems import ARITH_SOURCE, arithmetic_answer_text, iter_problems
 from babyllama.data.readers import BUILTIN_PREFIX
-from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind,
+from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, csv_rows, file_kind, source_files,
                                     id_records, json_or_lines, json_type, jsonl_records,
                                     keyed_by_id, lcsts_records, lines, load_json, tsv_rows,
                                     yaml_item_lines, yaml_value)
@@ -196,7 +196,7 @@ def iter_conversations(source, format: str | None = None, *, skip_bad: bool = Fa
         files = [(path, None) for path in _builtin_files(source)]
         format = BUILTIN_CONVERSATION_FORMAT  # the built-in set has one known layout
     else:
-        files = _resolve(source)
+        files = source_files(source, _KINDS, SUPPORTED)
     for path, split in files:
         yield from _iter_file(path, split, format, report, seed, system)
 
@@ -211,7 +211,7 @@ def detect_format(path) -> str:
     if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
         _builtin_files(path)  # an unknown name or a missing package is an error here too
         return BUILTIN_CONVERSATION_FORMAT
-    path, split = _resolve(path)[0]  # a directory: its first file
+    path, split = source_files(path, _KINDS, SUPPORTED)[0]  # a directory: its first file
     kind = _kind(path)
     first = _peek(_records(path, kind, split))
     for record in first:
@@ -240,26 +240,6 @@ def _arith_conversations(source: str, seed: int, system: str | None) -> Iterator
         messages = [{"role": "user", "content": problem.question},
                     {"role": "assistant", "content": arithmetic_answer_text(problem)}]
         yield Conversation(messages, system, source=problem.source)
-
-
-def _resolve(source) -> list[tuple[Path, str | None]]:
-    """(file, split) pairs of a source; `file.json#train` selects the key `train`."""
-    path, split = Path(source), None
-    if not path.exists() and "#" in str(source):
-        base, split = str(source).rsplit("#", 1)
-        path = Path(base)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and _kind(p) is not None)
-        if not files:
-            raise UserError(f"{path}: directory holds no supported files ({SUPPORTED})")
-        return [(f, split) for f in files]
-    if _kind(path) is None:
-        raise UserError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'"
-                        f" (supported: {SUPPORTED})")
-    return [(path, split)]
 
 
 def _kind(path: Path) -> str | None:

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from babyllama.data.conversations import BadRecord, merge_turns
-from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, file_kind,
+from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, file_kind, source_files,
                                     is_json, json_type, jsonl_records)
 from babyllama.data.sft import SFTExample
 from babyllama.errors import UserError
@@ -127,7 +127,7 @@ def iter_pairs(source, format: str | None = None, *, skip_bad: bool = False,
         raise UserError(f"unknown preference format '{format}' (choose from: "
                         f"{', '.join(PAIR_FORMATS)})")
     report = Reporter(skip_bad, bad)
-    for path, split in _resolve(source):
+    for path, split in source_files(source, _KINDS, SUPPORTED):
         yield from _iter_file(path, split, format, report, system)
 
 
@@ -195,29 +195,6 @@ def _format_of(record) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Files and records
-
-
-def _resolve(source) -> list[tuple[Path, str | None]]:
-    """(file, split) pairs of a source; `file.json#train` selects the key `train`."""
-    path, split = Path(source), None
-    if not path.exists() and "#" in str(source):
-        base, split = str(source).rsplit("#", 1)
-        path = Path(base)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and file_kind(p, _KINDS) is not None)
-        if not files:
-            raise UserError(f"{path}: directory holds no supported files ({SUPPORTED})")
-        return [(f, split) for f in files]
-    kind = file_kind(path, _KINDS)
-    if kind is None:
-        raise UserError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'"
-                        f" (supported: {SUPPORTED})")
-    if split is not None and kind != "json":
-        raise UserError(f"{path}#{split}: '#{split}' selects a list of a .json file")
-    return [(path, split)]
 
 
 def _records(path: Path, split: str | None) -> Iterator[Record]:

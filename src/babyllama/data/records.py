@@ -191,6 +191,32 @@ def file_kind(path: Path, kinds: dict[str, str]) -> str | None:
     return kinds.get(path.suffix.lower())
 
 
+def source_files(source, kinds: dict[str, str], supported: str) -> list[tuple[Path, str | None]]:
+    """(file, split) pairs of a source: a file, `file.json#split` (the list under key `split`)
+    or a directory (every file with a kind in `kinds`, hidden ones left out, sorted). Raises
+    UserError for a missing path, an unsupported file, an empty directory or a #split of a
+    file that is not .json; `supported` lists the kinds in those messages."""
+    path, split = Path(source), None
+    if not path.exists() and "#" in str(source):
+        base, split = str(source).rsplit("#", 1)
+        path = Path(base)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and file_kind(p, kinds) is not None)
+        if not files:
+            raise UserError(f"{path}: directory holds no supported files ({supported})")
+        return [(f, split) for f in files]
+    kind = file_kind(path, kinds)
+    if kind is None:
+        raise UserError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}'"
+                        f" (supported: {supported})")
+    if split is not None and kind != "json":
+        raise UserError(f"{path}#{split}: '#{split}' selects a list of a .json file")
+    return [(path, split)]
+
+
 def open_binary(path: Path) -> IO[bytes]:
     """The file's bytes, decompressed when it ends in .gz."""
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")

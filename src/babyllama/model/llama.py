@@ -301,13 +301,13 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
                 last_only: bool = False, position_ids: torch.Tensor | None = None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", inputs_embeds: torch.Tensor | None = None):
         """Logits (B, T, vocab) for every position (or (B, 1, vocab), only the last), and the
         cross-entropy over `targets` (B, T) if given: its mean over the target tokens, or with
         `loss_reduction="sum"` their sum in nats (0 when no token is a target, where the mean
         would be NaN). Targets equal to -100 are ignored; the other arguments are those of
         `hidden_states`."""
-        x = self.hidden_states(input_ids, cache, attn_mask, position_ids)
+        x = self.hidden_states(input_ids, cache, attn_mask, position_ids, inputs_embeds)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
@@ -320,7 +320,8 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       attn_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states (B, T, hidden), before the LM head. Scoring calls
         this directly so it can apply the head only where it needs logits: the full
         (B, T, vocab) tensor is ~2 GB for a 64k vocabulary at batch 16 x 512.
@@ -331,11 +332,15 @@ class Llama(nn.Module):
         `position_ids`: (B, T) rotary positions per token, for packed rows where each
         conversation restarts at 0 (with a block-diagonal `attn_mask`); None means
         start, start+1, ... for every row.
+        `inputs_embeds`: (B, T, hidden) input vectors used instead of looking `input_ids` up in
+        the embedding (an image-text model puts projected image features at its image
+        positions); `input_ids` still gives the shape.
         Raises ValueError when, without `position_ids`, the positions run past the context.
         """
         T = input_ids.size(1)
         cos, sin, attn_mask = self.attention_inputs(input_ids, cache, attn_mask, position_ids)
-        x = F.dropout(self.model.embed_tokens(input_ids), self.config.dropout, self.training)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = F.dropout(x, self.config.dropout, self.training)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 # Recompute each layer's activations in the backward pass (Chen et al. 2016,

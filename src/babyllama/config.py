@@ -24,6 +24,7 @@ from babyllama.atomic import atomic_write_text
 from babyllama.errors import UserError
 from babyllama.lora import LoraConfig
 from babyllama.model.llama import ModelConfig
+from babyllama.model.vlm import VLMConfig
 from babyllama.textfile import read_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -237,11 +238,38 @@ class GRPOConfig:
         return out
 
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "grpo")
+@dataclass
+class VisionSection(VLMConfig):
+    """`vlm:` in the config of an image-text run (`babyllama align`, `babyllama instruct`): the
+    image side of the model (VLMConfig) plus how a stage trains it.
+
+    Learning rates: the projector trains at train.lr; the encoder and the language model at
+    vision_lr / language_lr when set (> 0), else at train.lr too (all follow the schedule)."""
+    images: str = ""                 # folder the data's relative image paths start from
+    vision_init: str = ""            # a SigLIP directory (config.json + safetensors) to start the encoder from
+    freeze_vision: bool | None = None    # None: frozen when the encoder is pretrained (vision_init), else trained
+    freeze_projector: bool = False
+    freeze_language: bool = False
+    vision_lr: float = 0.0
+    language_lr: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        for name in ("vision_lr", "language_lr"):
+            if getattr(self, name) < 0:
+                out.append(f"vlm.{name} must not be negative (0: train.lr), got {getattr(self, name)}")
+        return out
+
+
+STAGES = ("pretrain", "sft", "dpo", "reward", "grpo", "align", "instruct")
+# Image-text stages: `align` trains the projector on captions (encoder and language model
+# frozen, LLaVA's stage 1), `instruct` the projector and the language model on conversations
+# about images (stage 2).
+VLM_STAGES = ("align", "instruct")
 # Stages that start from a base run and read the `sft:` section (base, data, template, epochs).
-FINETUNE_STAGES = ("sft", "dpo", "reward", "grpo")
+FINETUNE_STAGES = ("sft", "dpo", "reward", "grpo", *VLM_STAGES)
 # Stages whose runs are chat models (their prompts go through the chat template).
-CHAT_STAGES = ("sft", "dpo", "grpo")
+CHAT_STAGES = ("sft", "dpo", "grpo", *VLM_STAGES)
 
 
 @dataclass
@@ -252,12 +280,13 @@ class RunConfig:
     tokenizer: str = ""   # defaults to <data>/tokenizer
     out_dir: str = "runs/pretrain"
     preset: str = ""      # the preset this config started from (informational)
-    stage: str = "pretrain"  # pretrain | sft | dpo | reward | grpo
+    stage: str = "pretrain"  # pretrain | sft | dpo | reward | grpo | align | instruct
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    vlm: VisionSection = field(default_factory=VisionSection)
     # The dotted keys the user set ("train.lr", ...): no default derived later (steps,
     # intervals, the LoRA learning rate) replaces them. Not saved, not settable.
     user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False,
@@ -271,12 +300,14 @@ class RunConfig:
             out += self.sft.problems()
         if self.stage in ("dpo", "reward", "grpo"):
             out += getattr(self, self.stage).problems()
+        if self.stage in VLM_STAGES:
+            out += self.vlm.problems()
         if self.lora.qlora and not self.lora.enabled:
             out.append("lora.qlora needs lora.enabled (or pass --qlora)")
         if self.lora.enabled:
-            if self.stage not in ("sft", "dpo", "grpo"):
-                out.append("lora.enabled is for fine-tuning a chat model (babyllama sft, dpo, grpo); "
-                           "a reward model trains all its weights")
+            if self.stage not in ("sft", "dpo", "grpo", "instruct"):
+                out.append("lora.enabled is for fine-tuning a chat model (babyllama sft, dpo, grpo, instruct); "
+                           f"{self.stage} trains its own weights")
             out += self.lora.problems()
         return out
 
@@ -290,6 +321,8 @@ class RunConfig:
         for stage in ("dpo", "reward", "grpo"):
             if self.stage != stage:
                 del d[stage]
+        if self.stage not in VLM_STAGES:
+            del d["vlm"]
         if not self.lora.enabled:
             del d["lora"]
         return d
@@ -480,6 +513,28 @@ def stage_defaults(cfg: RunConfig, stage: str, base: RunConfig) -> RunConfig:
         t.lr = base.train.lr * 0.05
         out.sft.epochs = 1.0
         out.sft.val_fraction = 0.04  # the math reward's held-out problems (greedy accuracy)
+    elif stage in VLM_STAGES:
+        # An image-text run keeps the image side of an image-text base (align -> instruct).
+        if base.stage in VLM_STAGES:
+            out.vlm = copy.deepcopy(base.vlm)
+            out.vlm.freeze_vision, out.vlm.vision_lr = None, 0.0
+        else:
+            # SFT's rate for the language model (half its base's), kept through align -> instruct.
+            out.vlm.language_lr = base.train.lr * 0.5
+        out.vlm.freeze_projector = False
+        # LLaVA-1.5's rates: 1e-3 for the projector alone (stage 1); in stage 2 the language
+        # model fine-tunes at SFT's rate (half its pretraining peak) while the projector and a
+        # from-scratch encoder keep a higher one.
+        t.lr = 1e-3
+        t.weight_decay = 0.0
+        t.sample_prompts = []  # samples are questions about held-out images (train/vision.py)
+        out.sft.val_fraction = 0.02
+        if stage == "align":
+            out.vlm.freeze_language = True
+            out.sft.epochs = 1.0
+        else:
+            out.vlm.freeze_language = False
+            out.sft.epochs = 2.0
     return out
 
 
@@ -509,6 +564,9 @@ def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
     else:
         raise UserError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
     values = (overrides if isinstance(overrides, dict) else parse_overrides(overrides)) if overrides else {}
+    if "vlm" in values and stage not in VLM_STAGES:
+        raise UserError(f"command line: vlm.* settings are for `babyllama align` and `babyllama instruct`, "
+                        f"not {stage}")
     for section in ("dpo", "reward", "grpo"):
         if section in values and section != stage:
             # Saved configs keep only their own stage's section: the setting would vanish unread.
@@ -534,7 +592,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
 
 
 # Set from the data when a run starts (the tokenizer's vocabulary), whatever a preset says.
-DERIVED_KEYS = {"model.vocab_size"}
+DERIVED_KEYS = {"model.vocab_size", "vlm.image_token_id"}
 
 
 def resume_config(saved: RunConfig, overrides: list[str] | dict | None, out_dir: str) -> RunConfig:

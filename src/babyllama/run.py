@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 
 from babyllama.atomic import atomic_path, atomic_write_text
-from babyllama.config import CHAT_STAGES, RunConfig, config_from_dict, read_yaml, save_config
+from babyllama.config import CHAT_STAGES, VLM_STAGES, RunConfig, config_from_dict, read_yaml, save_config
 from babyllama.errors import UserError
 from babyllama.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model, load_adapter,
                             merge_lora, save_adapter)
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.model.reward import RewardModel
+from babyllama.model.vision import VisionConfig, load_siglip_state
+from babyllama.model.vlm import VisionLanguageModel
 from babyllama.model.weights import load_weights, read_weights, save_weights
 from babyllama.textfile import read_json, read_json_object, read_text
 from babyllama.tokenizer import Tokenizer
@@ -77,6 +79,47 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"{path}: rope scaling {rope.get('rope_type')!r} is not supported")
     return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
+
+
+# transformers' SiglipVisionConfig fields that map one to one onto VisionConfig.
+SIGLIP_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps",
+                      "attention_dropout")
+
+
+def read_siglip(path: Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """A SigLIP directory a user already has (`SiglipVisionModel` or a whole `SiglipModel`:
+    config.json + model.safetensors, optionally preprocessor_config.json) as our VisionConfig
+    and the vision tower's tensors. Raises UserError for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such SigLIP directory")
+    d = read_json_object(path / HF_CONFIG, HF_CONFIG)
+    kind = d.get("model_type")
+    if kind == "siglip":
+        d = d.get("vision_config") or {}
+    elif kind != "siglip_vision_model":
+        raise UserError(f"{path}: model_type is {kind!r}; the encoder loads SigLIP checkpoints "
+                        "(siglip or siglip_vision_model)")
+    for key in ("image_size", "patch_size"):
+        if isinstance(d.get(key), (list, tuple)):
+            raise UserError(f"{path}: non-square {key} {d[key]} is not supported")
+    vision = VisionConfig(**{k: d[k] for k in SIGLIP_CONFIG_KEYS if k in d})
+    processor = path / "preprocessor_config.json"
+    if processor.exists():
+        p = read_json_object(processor, "preprocessor_config.json")
+        vision.image_mean = list(p.get("image_mean", vision.image_mean))
+        vision.image_std = list(p.get("image_std", vision.image_std))
+    problems = vision.problems(prefix="")
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights (convert a pytorch_model.bin with transformers first)")
+    state = {}
+    for f in files:
+        state.update(read_weights(f))
+    return vision, load_siglip_state(state)
 
 
 class Run:
@@ -221,7 +264,7 @@ class Run:
             raise UserError(f"{self.path}: is a reward model (it scores answers, it does not generate): "
                             f"use `babyllama score {self.path} --data PAIRS`, or `babyllama grpo --reward rm:{self.path}`")
         if self.has_weights():
-            model = Llama(config)
+            model = self.new_model(config)
             load_weights(model, self.weights_file)
             return model
         if self.has_adapter():
@@ -229,10 +272,22 @@ class Run:
             if base is None or not base.has_weights():
                 raise UserError(f"{self.path}: a LoRA adapter for the base run {base}, which has "
                                 f"no {WEIGHTS} (moved? edit sft.base in {CONFIG})")
-            model = Llama(config)
+            model = base.new_model(config)
             load_weights(model, base.weights_file)
             return merge_lora(load_adapter(model, self.path))
         raise UserError(f"{self.path}: no {WEIGHTS} (has the run saved a checkpoint yet?)")
+
+    def new_model(self, config: ModelConfig | None = None) -> Llama | VisionLanguageModel:
+        """A freshly initialised model of this run's architecture (an image-text run's has the
+        encoder and projector its `vlm:` section describes)."""
+        config = config or self.model_config()
+        if self.is_vision():
+            return VisionLanguageModel(config, self.config().vlm)
+        return Llama(config)
+
+    def is_vision(self) -> bool:
+        """An image-text run (`stage: align` or `instruct`): encoder + projector + language model."""
+        return self.is_run() and self.config().stage in VLM_STAGES
 
     def is_reward_model(self) -> bool:
         """A reward model run (`stage: reward`): its weights have a scalar head, not an LM head."""

@@ -15,13 +15,13 @@ import argparse
 import sys
 
 from babyllama.cli import (chat, clean, demo, export, generate, import_, merge_lora, model, preference,
-                           prepare, pretrain, serve, sft, tokenizer)
+                           prepare, pretrain, serve, sft, tokenizer, vision)
 from babyllama.cli import eval as eval_  # the module; plain `eval` would hide the builtin here
 from babyllama.cli.chat import read_document  # noqa: F401  (importable as before the split)
 from babyllama.errors import UserError
 
-COMMANDS = (tokenizer, clean, prepare, pretrain, generate, sft, preference, chat, serve, eval_, merge_lora,
-            export, import_, model, demo)
+COMMANDS = (tokenizer, clean, prepare, pretrain, generate, sft, preference, vision, chat, serve, eval_,
+            merge_lora, export, import_, model, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from babyllama.errors import UserError
 from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.engine import prompt_budget
 from babyllama.infer.generate import eval_mode, stream
+from babyllama.infer.images import IMAGE_PLACEHOLDER, image_positions, image_prompt, is_vision_model
 from babyllama.tokenizer.chat_template import encode_chat, fit_chat, stop_token_ids
 
 
@@ -64,20 +67,35 @@ def prompt_ids(tokenizer, messages: list[dict], *, budget: int, limit: int | Non
 
 
 def stream_chat(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *,
-                document: str | None = None, template: str | None = None) -> Iterator[str]:
-    """The assistant's answer to `messages` as text pieces."""
+                document: str | None = None, template: str | None = None,
+                images: list[torch.Tensor] | None = None) -> Iterator[str]:
+    """The assistant's answer to `messages` as text pieces. `images` (each (C, S, S)) belong,
+    in order, to the `<|image|>` placeholders in the messages' contents; when the oldest turns
+    are dropped to fit the context, their images go with them."""
     check_messages(messages)
     context = model.config.max_position_embeddings
-    ids, _ = prompt_ids(tokenizer, messages, budget=prompt_budget(context, cfg.max_new_tokens),
-                        limit=context - 1, document=document, template=template)
-    yield from stream(model, tokenizer, ids, cfg, stop_ids=stop_token_ids(tokenizer))
+    images = list(images or [])
+    # Each image takes K positions for its one placeholder token: the text's share shrinks.
+    reserved = (image_positions(model) - 1) * len(images) if images else 0
+    budget = prompt_budget(context, cfg.max_new_tokens) - reserved
+    if images and budget < 1:
+        raise UserError(f"chat: {len(images)} image(s) of {image_positions(model)} positions leave no room "
+                        f"for text in a context of {context}")
+    ids, _ = prompt_ids(tokenizer, messages, budget=budget, limit=context - 1 - reserved,
+                        document=document, template=template)
+    if images:
+        kept = sum(1 for t in ids if t == model.vlm_config.image_token_id)
+        images = images[len(images) - kept:] if kept <= len(images) else images
+    ids, pixel_values = image_prompt(model, ids, images)
+    yield from stream(model, tokenizer, ids, cfg, stop_ids=stop_token_ids(tokenizer), pixel_values=pixel_values)
 
 
 def chat_text(model, tokenizer, messages: list[dict], cfg: GenerationConfig, *,
-              document: str | None = None, template: str | None = None) -> str:
+              document: str | None = None, template: str | None = None,
+              images: list[torch.Tensor] | None = None) -> str:
     with eval_mode(model):
         return "".join(stream_chat(model, tokenizer, messages, cfg, document=document,
-                                   template=template)).strip()
+                                   template=template, images=images)).strip()
 
 
 def chat_sample(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
@@ -98,23 +116,33 @@ class ChatSession:
     system: str | None = None
     document: str | None = None
     history: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)  # pixel values of the history's images, in order
 
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
 
-    def send(self, text: str, **sampling) -> Iterator[str]:
+    def send(self, text: str, image: torch.Tensor | None = None, **sampling) -> Iterator[str]:
         """Stream the answer to `text` (`sampling`: GenerationConfig fields over the chat
-        defaults); the exchange joins the history once it is complete."""
+        defaults); the exchange joins the history once it is complete. `image` (C, S, S), for an
+        image-text model: the picture this message is about (placed before the text, as LLaVA's
+        data places it); it stays in the conversation."""
         cfg = decoding_defaults("chat", **sampling)
-        pending = self.messages() + [{"role": "user", "content": text}]
+        content = text if image is None else f"{IMAGE_PLACEHOLDER}\n{text}"
+        images = self.images + ([image] if image is not None else [])
+        if image is not None and not is_vision_model(self.model):
+            raise UserError("this model reads no images (it is a text model)")
+        pending = self.messages() + [{"role": "user", "content": content}]
         pieces = []
         with eval_mode(self.model):
-            for piece in stream_chat(self.model, self.tokenizer, pending, cfg, document=self.document):
+            for piece in stream_chat(self.model, self.tokenizer, pending, cfg, document=self.document,
+                                     images=images):
                 pieces.append(piece)
                 yield piece
-        self.history += [{"role": "user", "content": text},
+        self.history += [{"role": "user", "content": content},
                          {"role": "assistant", "content": "".join(pieces).strip()}]
+        self.images = images
 
     def reset(self) -> None:
         self.history = []
+        self.images = []

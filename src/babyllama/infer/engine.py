@@ -56,7 +56,8 @@ def model_device(model) -> torch.device:
 class Batch:
     """Rows of a left-padded batch and their KV cache: prefill, decode steps, row selection."""
 
-    def __init__(self, model, prompts: list[list[int]], extra_len: int):
+    def __init__(self, model, prompts: list[list[int]], extra_len: int,
+                 pixel_values: torch.Tensor | None = None):
         self.model = model
         device = model_device(model)
         lengths = [len(p) for p in prompts]
@@ -76,7 +77,10 @@ class Batch:
             # which the pad slot's cached keys/values would carry into later layers and steps.
             mask = (causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=device)))[:, None]
             positions = (key[None, :] - self.pad[:, None]).clamp(min=0)
-        logits, _ = model(ids, cache=self.cache, attn_mask=mask, position_ids=positions, last_only=True)
+        # Images enter only here: their features fill the image token positions of the prefill.
+        images = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}
+        logits, _ = model(ids, cache=self.cache, attn_mask=mask, position_ids=positions, last_only=True,
+                          **images)
         self.logits = logits[:, -1]
 
     def select(self, rows: list[int]) -> None:
@@ -131,10 +135,15 @@ class Decoder:
     """
 
     def __init__(self, model, prompts: list[list[int]], cfg: GenerationConfig,
-                 stop_ids: tuple[int, ...] = ()):
+                 stop_ids: tuple[int, ...] = (), pixel_values: torch.Tensor | None = None):
         cfg.check()
         context = model.config.max_position_embeddings
-        prompts = fit_prompts(prompts, context, cfg)
+        fitted = fit_prompts(prompts, context, cfg)
+        if pixel_values is not None and fitted != prompts:
+            # Cutting the oldest tokens could cut an image's positions in half.
+            raise UserError(f"a prompt with an image is longer than the context ({context} tokens, "
+                            "each image taking its share): shorten the text")
+        prompts = fitted
         n = cfg.num_return_sequences
         self.cfg, self.stop_ids = cfg, frozenset(stop_ids) | frozenset(cfg.stop_token_ids)
         self.prompt_lengths = [len(p) for p in prompts for _ in range(n)]
@@ -148,7 +157,7 @@ class Decoder:
             # A private generator: sampling must not disturb the global RNG (training resumes
             # exactly even when samples are drawn mid-run).
             self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.batch = Batch(model, prompts, max(self.limits))
+        self.batch = Batch(model, prompts, max(self.limits), pixel_values)
         self.history = History(prompts, self.batch.logits.size(-1), cfg, device)
         if n > 1:
             rows = [i for i in range(len(prompts)) for _ in range(n)]

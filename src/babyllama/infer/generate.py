@@ -162,16 +162,17 @@ def end_ids(tokenizer) -> tuple[int, ...]:
 
 
 def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
-           stop_ids: tuple[int, ...] | None = None) -> Iterator[str]:
+           stop_ids: tuple[int, ...] | None = None, pixel_values: torch.Tensor | None = None) -> Iterator[str]:
     """The continuation of one prompt as text pieces (beam search yields its best hypothesis
-    whole, at the end)."""
+    whole, at the end). `pixel_values` (N, C, S, S): the images whose expanded positions the
+    prompt holds (`infer.images.image_prompt`)."""
     stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
     cfg = resolve_stops(tokenizer, cfg)
     if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
         one = dataclasses.replace(cfg, num_return_sequences=1)
-        yield complete(model, tokenizer, [prompt_ids], one, stop_ids)[0].text
+        yield complete(model, tokenizer, [prompt_ids], one, stop_ids, pixel_values)[0].text
         return
-    decoder = Decoder(model, [prompt_ids], cfg, stop_ids)
+    decoder = Decoder(model, [prompt_ids], cfg, stop_ids, pixel_values)
     row = TextRow(tokenizer, cfg.stop)
     with torch.inference_mode():
         while not decoder.done:
@@ -188,10 +189,17 @@ def stream(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
 
 @torch.inference_mode()
 def complete(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
-             stop_ids: tuple[int, ...] | None = None) -> list[Completion]:
-    """Completions of every prompt, `cfg.num_return_sequences` per prompt (prompt-major)."""
+             stop_ids: tuple[int, ...] | None = None,
+             pixel_values: torch.Tensor | None = None) -> list[Completion]:
+    """Completions of every prompt, `cfg.num_return_sequences` per prompt (prompt-major).
+    `pixel_values` (N, C, S, S): the images of all prompts, in order (see `stream`)."""
     stop_ids = end_ids(tokenizer) if stop_ids is None else stop_ids
     cfg = resolve_stops(tokenizer, cfg)
+    if pixel_values is not None:
+        if cfg.num_beams > 1:
+            raise UserError("beam search does not take images; sample or decode greedily")
+        # The engine checks the fit itself: a prompt with an image is never cut.
+        return _complete(model, tokenizer, prompts, cfg, stop_ids, pixel_values)
     prompts = fit_prompts(prompts, model.config.max_position_embeddings, cfg)
     if cfg.num_beams > 1:
         out = []
@@ -200,7 +208,11 @@ def complete(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
                 text, stopped = cut_at_stop(tokenizer.decode(h.tokens), cfg.stop)
                 out.append(Completion(text, h.tokens, "stop" if stopped else h.finish_reason, len(prompt)))
         return out
-    decoder = Decoder(model, prompts, cfg, stop_ids)
+    return _complete(model, tokenizer, prompts, cfg, stop_ids)
+
+
+def _complete(model, tokenizer, prompts, cfg, stop_ids, pixel_values=None) -> list[Completion]:
+    decoder = Decoder(model, prompts, cfg, stop_ids, pixel_values)
     rows = [TextRow(tokenizer, cfg.stop) for _ in decoder.limits] if cfg.stop else None
     texts = [[] for _ in decoder.limits]
     while not decoder.done:

@@ -16,11 +16,17 @@ from babyllama.atomic import atomic_path
 from babyllama.errors import UserError
 
 
+# Where a tied LM head sits: a Llama's, or an image-text model's language model's (transformers'
+# LLaVA checkpoint layout).
+TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict to save: transformers' keys; a tied LM head is not stored twice."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+        for key in TIED_HEADS:
+            state.pop(key, None)
     return state
 
 
@@ -52,8 +58,9 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -
     current = model.state_dict()
     expected = set(current)
     if getattr(model.config, "tie_word_embeddings", False):
-        expected.discard("lm_head.weight")
-        state.pop("lm_head.weight", None)
+        for key in TIED_HEADS:
+            expected.discard(key)
+            state.pop(key, None)
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise UserError(f"{source}: weights do not match the model config "

@@ -342,6 +342,15 @@ def template_controls(tokenizer, source: str, text: str, messages: list[dict],
     if pattern is None:
         return []
     found = [m.span() for m in pattern.finditer(text)]
+    # The image placeholder is the one control token content may carry: it marks where a
+    # message's image goes (LLaVA's `<image>`), so it is never masked.
+    image = tokenizer.special_tokens.get("image")
+    alternatives = re.split(r"(?<!\\)\|", pattern.pattern)  # the escaped token texts
+    if image and re.escape(image) in alternatives:
+        others = [a for a in alternatives if a != re.escape(image)]
+        pattern = re.compile("|".join(others)) if others else None
+        if pattern is None:
+            return found
     masked_messages, masked_document = _masked(messages, pattern), _masked(document, pattern)
     if not found or (masked_messages == messages and masked_document == document):
         return found  # no control-token text in the content: every one is the template's

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from babyllama.config import RunConfig, check, derive_schedule, resolve_config
+from babyllama.config import VLM_STAGES, RunConfig, check, derive_schedule, resolve_config
 from babyllama.data.conversations import iter_conversations
 from babyllama.data.readers import BadRecords
 from babyllama.data.sft import SFTBatches, build_examples, eval_batches, mix, split_validation
@@ -165,7 +165,10 @@ def finetune_tokenizer(cfg: RunConfig, base: Run) -> Tokenizer:
     after it the base's own template (what its answers were trained in), unless sft.template
     was given. Raises UserError when a later stage's base has no chat template."""
     tokenizer = base.load_tokenizer()
-    if cfg.stage == "sft" or "sft.template" in cfg.user_keys:
+    # An image-text stage may start from a pretrained (template-less) language model: it then
+    # renders its data with sft.template, as SFT would.
+    starts_chat = cfg.stage in VLM_STAGES and not tokenizer.chat_template
+    if cfg.stage == "sft" or "sft.template" in cfg.user_keys or starts_chat:
         tokenizer.chat_template = resolve_template(cfg.sft.template)
     elif not tokenizer.chat_template:
         raise UserError(f"{base.path}: has no chat template: {cfg.stage} starts from a chat (SFT) run, "

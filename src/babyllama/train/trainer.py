@@ -132,17 +132,25 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) over the trainable parameters,
-    or bitsandbytes' 8-bit AdamW. Raises UserError if adamw8bit is asked for without
+    or bitsandbytes' 8-bit AdamW. `lr_scale(name) -> float`: a parameter's learning rate as a
+    multiple of the schedule's (an image-text model's parts train at different rates); each
+    group keeps its multiple as "lr_scale". Raises UserError if adamw8bit is asked for without
     bitsandbytes installed."""
     # Decay matrices (projections, embeddings); never norms' gains: shrinking them toward 0
     # only fights the normalisation (the split nanoGPT's configure_optimizers makes).
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # Two groups (decay, no decay) per learning-rate multiple, even when one is empty: the
+    # optimizer state of a resumed run must find the same groups.
+    by_scale: dict[float, tuple[list, list]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decay, no_decay = by_scale.setdefault(lr_scale(name) if lr_scale else 1.0, ([], []))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    by_scale = by_scale or {1.0: ([], [])}
+    groups = [{"params": params, "weight_decay": wd, "lr_scale": scale}
+              for scale, (decay, no_decay) in sorted(by_scale.items())
+              for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.optimizer == "adamw8bit":
         try:
@@ -427,12 +435,13 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int) -> Non
 
 def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainData,
           eval_set: EvalSet | None, run_dir: Path, device: torch.device,
-          info: DistInfo | None = None, resume: bool = False, sample_fn=None) -> dict:
+          info: DistInfo | None = None, resume: bool = False, sample_fn=None, lr_scale=None) -> dict:
     """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics.
 
     `tokens` in the metrics counts trained targets (every position when pretraining, the
     assistant tokens in SFT). `sample_fn(model, tokenizer, prompt, sampling) -> str` writes the
     samples (default: plain continuation; SFT passes one that formats a chat turn).
+    `lr_scale(name) -> float` sets per-parameter learning-rate multiples (`build_optimizer`).
     Raises UserError when there is nothing to resume, a train.eval_tasks entry is invalid, or
     `train.max_bad_steps` steps in a row are non-finite.
     """
@@ -441,7 +450,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     run = Run(run_dir)
     precision = resolve_precision(t.precision, device)
     prepare_model(model, precision, device, t.activation_checkpointing)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, lr_scale)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     start_step, tokens_seen = 0, 0
     if resume:  # before DDP wraps the model: DDP broadcasts rank 0's weights as it starts
@@ -467,7 +476,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
         for step in range(start_step, t.max_steps):
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             result = optimizer_step(s, train_data, step)
             if hasattr(train_data, "step_stats"):  # what the stage measured itself (GRPO's rewards)
                 result.stats = {**train_data.step_stats(), **(result.stats or {})}

@@ -139,6 +139,47 @@ def chat_run(pretrained_run, tmp_path_factory) -> Path:
     return greeting_sft(pretrained_run, tmp_path_factory.mktemp("chat"))
 
 
+# A small encoder: 32x32 pictures in 8x8 patches, 16 positions per image.
+TINY_VISION = ["vlm.vision.hidden_size=32", "vlm.vision.intermediate_size=64", "vlm.vision.num_hidden_layers=2",
+               "vlm.vision.num_attention_heads=2", "vlm.vision.image_size=32", "vlm.vision.patch_size=8"]
+
+
+def vision_stage(stage: str, base: Path, out: Path, *overrides: str) -> Path:
+    """A short `stage` (align or instruct) run of `base` on builtin:shapes-zh in `out`."""
+    from babyllama.config import parse_overrides
+    from babyllama.train.sft import sft_config
+    from babyllama.train.vision import run_vision_stage
+
+    values = parse_overrides(["train.batch_size=8", "train.max_steps=6", "train.log_every=1",
+                              "sft.val_fraction=0.01", *(TINY_VISION if stage == "align" else []), *overrides])
+    values.setdefault("sft", {})["sources"] = ["builtin:shapes-zh"]
+    values["out_dir"] = str(out)
+    return run_vision_stage(sft_config(base, values, stage=stage))
+
+
+@pytest.fixture(scope="session")
+def vision_base(tiny_data, tmp_path_factory) -> Path:
+    """A tiny pretrained run with room for a picture and a caption (a 256-token context)."""
+    from babyllama.config import load_config
+    from babyllama.train.pretrain import run_pretrain
+
+    out = tmp_path_factory.mktemp("vision-base") / "base"
+    cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["model.max_position_embeddings=256",
+                                                             "train.max_steps=10", "train.save_every=0"])
+    cfg.data, cfg.out_dir = str(tiny_data), str(out)
+    run_pretrain(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vision_run(vision_base, tmp_path_factory) -> Path:
+    """An image-text run: align (6 steps) then instruct (6 steps) of a pretrained run, on
+    builtin:shapes-zh with a tiny encoder. Its answers are not good: it is for plumbing."""
+    root = tmp_path_factory.mktemp("vision")
+    align = vision_stage("align", vision_base, root / "align")
+    return vision_stage("instruct", align, root / "instruct")
+
+
 class Served:
     """A `babyllama serve` app running in this process (uvicorn in a thread) on a free port;
     `wrap` puts ASGI middleware of a test's own in front of the app."""

@@ -530,6 +530,8 @@ def stage_defaults(cfg: RunConfig, stage: str, base: RunConfig) -> RunConfig:
         t.sample_prompts = []  # samples are questions about held-out images (train/vision.py)
         out.sft.val_fraction = 0.02
         if stage == "align":
+            # LLaVA's stage 1 trains the projector alone; `--train-vision` opens the encoder.
+            out.vlm.freeze_vision = True
             out.vlm.freeze_language = True
             out.sft.epochs = 1.0
         else:
@@ -579,6 +581,8 @@ def resolve_config(stage: str = "pretrain", *, preset: str | None = None,
         # times the full fine-tuning rate (Hu et al. 2021; QLoRA): for SFT the base's peak (2x
         # full SFT's), for the preference and RL stages 10x their full rate.
         cfg.train.lr = base.train.lr if stage == "sft" else min(base.train.lr, 10 * cfg.train.lr)
+    if stage == "instruct" and cfg.lora.enabled and "vlm.language_lr" not in cfg.user_keys:
+        cfg.vlm.language_lr *= 2  # the base's peak, as LoRA SFT trains at (see above)
     if stage == "grpo" and "train.batch_size" not in cfg.user_keys:
         # Completions per micro-batch: two prompts' groups.
         cfg.train.batch_size = 2 * cfg.grpo.num_generations

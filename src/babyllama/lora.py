@@ -79,13 +79,21 @@ class LoraConfig:
             out.append("lora.target_modules is empty")
         return out
 
-    def to_peft(self):
+    def to_peft(self, within: str = "", modules_to_save: list[str] | None = None):
+        """peft's LoraConfig. `within`: adapt only the target layers under this module (an
+        image-text model's "language_model", not its encoder, whose attention layers share
+        the names q_proj/k_proj/v_proj): the targets become one regex over full module names,
+        peft's other form of target_modules. `modules_to_save`: whole modules trained and saved
+        with the adapter (peft's modules_to_save; an image-text model's projector)."""
         import peft
 
+        targets = self.targets()
+        if within:
+            targets = rf"{re.escape(within)}\.(.*\.)?({'|'.join(map(re.escape, targets))})"
         return peft.LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=self.targets(), use_rslora=self.use_rslora, use_dora=self.use_dora,
-            bias="none")
+            target_modules=targets, use_rslora=self.use_rslora, use_dora=self.use_dora,
+            bias="none", modules_to_save=modules_to_save or None)
 
 
 def _require_peft():
@@ -150,11 +158,13 @@ def _check_untied(model: nn.Module, targets: list[str], where: str) -> None:
                                 "so merging the adapter would change both layers")
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig):
-    """Wrap `model` (our Llama, possibly quantized by `quantize_base`) with fresh LoRA adapters.
+def apply_lora(model: nn.Module, cfg: LoraConfig, within: str = "", modules_to_save: list[str] | None = None):
+    """Wrap `model` (our Llama, possibly quantized by `quantize_base`, or an image-text model)
+    with fresh LoRA adapters; `within` and `modules_to_save` as `LoraConfig.to_peft`.
 
-    Base weights are frozen; the adapters (and DoRA magnitudes) are the only trainable
-    parameters. B starts at zero, so the wrapped model first computes exactly the base's logits.
+    Base weights are frozen; the adapters (and DoRA magnitudes, and copies of the modules to
+    save) are the only trainable parameters. B starts at zero, so the wrapped model first
+    computes exactly the base's logits.
     """
     peft = _require_peft()
     problems = cfg.problems()
@@ -164,7 +174,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
     _check_untied(model, cfg.targets(), "lora config")
     training = model.training
     # New dropout layers start in training mode; keep the mode the caller had set.
-    return peft.get_peft_model(model, cfg.to_peft()).train(training)
+    return peft.get_peft_model(model, cfg.to_peft(within, modules_to_save)).train(training)
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from babyllama.errors import UserError
 from babyllama.infer.chat import chat_text
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.images import IMAGE_PLACEHOLDER
+from babyllama.lora import apply_lora, trainable_counts
 from babyllama.model.vlm import PARTS, VisionLanguageModel, expand_image_tokens, part_of
 from babyllama.model.weights import load_state, load_weights, read_weights
 from babyllama.run import Run, read_siglip
@@ -257,6 +258,26 @@ def vision_language_model(cfg: RunConfig, base: Run, info) -> VisionLanguageMode
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("config: every part is frozen (vlm.freeze_vision, vlm.freeze_projector, "
                         "vlm.freeze_language): nothing would train")
+    if cfg.lora.enabled:
+        model = with_vision_lora(model, cfg, info.is_main)
+    return model
+
+
+def with_vision_lora(model: VisionLanguageModel, cfg: RunConfig, verbose: bool):
+    """LoRA adapters on the language model's layers only; the parts that train whole (the
+    projector, the encoder when not frozen) become peft `modules_to_save`, so they are saved
+    with the adapter and merged by `merge-lora` like the adapters."""
+    v = cfg.vlm
+    if v.freeze_language:
+        raise UserError("config: lora.enabled adapts the language model, which vlm.freeze_language freezes")
+    whole = [name for name, frozen in (("multi_modal_projector", v.freeze_projector),
+                                       ("vision_tower", v.freeze_vision)) if not frozen]
+    model = apply_lora(model, cfg.lora, within="language_model", modules_to_save=whole)
+    if verbose:
+        trainable, total = trainable_counts(model)
+        print(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} on the language model's "
+              f"{', '.join(cfg.lora.targets())}" + (f", {' and '.join(whole)} trained whole" if whole else "")
+              + f": {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     return model
 
 

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
 
     ev = subparsers.add_parser("eval", help="score a run: lm (perplexity, bits/char), rouge, choice "
                                             "(C-Eval/CMMLU), generation (distinct-n, loop rate), math "
-                                            "(final-answer accuracy, pass@k)",
+                                            "(final-answer accuracy, pass@k), vqa (answers about images)",
                                description="Evaluate a run directory (base, SFT or LoRA) on one task; the "
                                            "table is printed and written to RUN/eval/NAME.md and .json.")
     ev.add_argument("run", help="a run directory (or a transformers Llama directory)")
@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
                     help="lm: text/jsonl/folder or a prepared dataset; rouge: tsv/csv/jsonl/LCSTS; "
                          "choice: a C-Eval/CMMLU folder or jsonl; generation: prompts (txt/jsonl); "
                          "math: problems with answers (jsonl: Ape210K, GSM8K, {question, answer}) or "
-                         "builtin:arith-zh#test")
+                         "builtin:arith-zh#test; vqa: LLaVA-style .json/.jsonl conversations about "
+                         "images or builtin:shapes-zh#test")
     ev.add_argument("--limit", type=int, default=None,
                     help="quick run: first N documents / examples / prompts (choice: per subject)")
     ev.add_argument("--batch-size", type=int, default=None, help="prompts or rows per batch "
@@ -48,6 +49,11 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--source-field", help="rouge: field/column of the text to summarize")
     ev.add_argument("--target-field", help="rouge: field/column of the reference summary")
     ev.add_argument("--prompt-field", default="prompt", help="generation: field holding the prompt")
+    ev.add_argument("--images", metavar="DIR",
+                    help="vqa: the folder the data's image paths are relative to (default: the data file's)")
+    ev.add_argument("--shuffle-images", action="store_true",
+                    help="vqa: also answer with every picture moved to another question (a baseline: "
+                         "what the model gets right without the image)")
     add_sampling_args(ev, None)  # each task's own defaults
     ev.set_defaults(func=cmd_eval)
 
@@ -71,6 +77,8 @@ def eval_options(args, chat: bool):
                         target_field=args.target_field)
             if args.template:
                 spec["template"] = args.template.replace("\\n", "\n")
+        elif args.task == "vqa":
+            spec.update(images=args.images, shuffle_images=args.shuffle_images)
         elif args.task == "math":
             spec.update(k=args.k, samples=args.samples)
             if args.template:
@@ -81,16 +89,22 @@ def eval_options(args, chat: bool):
 
 
 def cmd_eval(args) -> None:
+    from babyllama.errors import UserError
     from babyllama.eval.report import write_result
     from babyllama.eval.tasks import run_task
     from babyllama.llm import load
     from babyllama.run import Run
 
+    if args.task == "vqa" and (Run(args.run).require_exists() or not Run(args.run).is_vision()):
+        raise UserError(f"{args.run}: the vqa task needs an image-text run (stage align or instruct); "
+                        f"this one reads no images")
     chat = Run(args.run).chats() if args.chat is None else args.chat
     task, options = eval_options(args, chat)
     llm = load(args.run, device=args.device)
     result = run_task(task, llm.model, llm.tokenizer, options)
     path = write_result(result, args.run, args.name)
     print(result.table())
+    if result.settings.get("skipped"):
+        print(f"skipped: {result.settings['skipped']}")
     print(f"-> {path} (numbers: {path.with_suffix('.json').name}"
           + (f", every example: {path.stem}.examples.jsonl)" if result.examples else ")"))

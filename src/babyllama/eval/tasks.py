@@ -6,6 +6,7 @@ periodic `train.eval_tasks` (a list of mappings: `{task: choice, data: DIR, limi
     choice      C-Eval / CMMLU-style multiple choice, letter and text scoring  (eval/choice.py)
     generation  distinct-n, rep-4 and loop rate of generated answers           (eval/generation.py)
     math        final-answer accuracy (pass@k) on math word problems           (eval/math.py)
+    vqa         exact-match answers to questions about images, per question type (eval/vqa.py)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from babyllama.eval.lm import LMOptions, run_lm
 from babyllama.eval.math import MathOptions, run_math
 from babyllama.eval.report import EvalResult
 from babyllama.eval.rouge import RougeOptions, run_rouge
+from babyllama.eval.vqa import VQAOptions, run_vqa
 from babyllama.infer.config import generation_config
 
 # The registry: task name -> (options dataclass, run function). Adding a task is one entry here
@@ -31,6 +33,7 @@ REGISTRY = {
     "choice": (ChoiceOptions, run_choice),
     "generation": (GenerationOptions, run_generation),
     "math": (MathOptions, run_math),
+    "vqa": (VQAOptions, run_vqa),
 }
 TASKS = tuple(REGISTRY)
 

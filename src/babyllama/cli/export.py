@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                        for fmt, types in DTYPES.items())
     ex = subparsers.add_parser("export", help="write a run for transformers (hf), llama.cpp (gguf) or "
                                               "onnxruntime (onnx)")
-    ex.add_argument("run", help="a run directory (or a transformers directory)")
+    ex.add_argument("run", help="a run directory (or a transformers directory); an image-text run exports "
+                                "only to hf, as transformers' LLaVA")
     ex.add_argument("--format", "-f", required=True, help=" | ".join(DTYPES))
     ex.add_argument("-o", "--out", required=True,
                     help="the directory to write (hf, onnx); for gguf a .gguf file or a directory")

@@ -1,6 +1,7 @@
 """Export a run to the formats other tools open, and import transformers checkpoints.
 
     hf    transformers directory: config.json, model.safetensors, tokenizer files   (hf.py)
+          (an image-text run: transformers' LLaVA, with the image processor's files)  (llava.py)
     gguf  one .gguf file for llama.cpp: f32, f16 or q8_0 tensors, tokenizer inside  (gguf.py)
     onnx  model.onnx (logits, past key/values in and out) + tokenizer files          (onnx.py)
 
@@ -17,6 +18,7 @@ from babyllama.atomic import check_output_dir
 from babyllama.errors import UserError
 from babyllama.export.gguf import write_gguf
 from babyllama.export.hf import write_hf, write_hf_reward, write_model_files
+from babyllama.export.llava import check_llava_exportable
 from babyllama.export.onnx import write_onnx
 from babyllama.export.source import load_export_source
 from babyllama.run import Run
@@ -82,6 +84,11 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str | None = N
         # things, whose files would be listed as exported; an earlier export is rewritten.
         check_output_dir(out, EXPORT_MARKERS[fmt], ANY_NAME)
     path = gguf_path(out, run, dtype) if fmt == "gguf" else out  # checked before the model loads
+    if Run(run).is_vision():
+        if fmt != "hf":
+            raise UserError(f"{run}: gguf/onnx export of an image-text model is not supported: "
+                            "use --format hf (LLaVA)")
+        check_llava_exportable(Run(run).config().vlm, run)
     if Run(run).is_reward_model():
         if fmt != "hf":
             raise UserError(f"{run}: a reward model exports only to transformers (--format hf, as "

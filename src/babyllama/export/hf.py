@@ -15,6 +15,8 @@ gives SentencePiece's ids on real text.
 
 Import reads any transformers Llama directory (safetensors, sharded or not, or
 pytorch_model.bin; any dtype; GQA; tied or untied head) into a run directory.
+
+An image-text run (a VisionLanguageModel) goes both ways as transformers' LLaVA: export/llava.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.infer.config import decoding_defaults
 from babyllama.model.llama import Llama, ModelConfig
+from babyllama.model.vlm import VisionLanguageModel
 from babyllama.model.weights import load_state, model_state
 from babyllama.run import Run, model_config_from_hf
 from babyllama.textfile import read_json_object
@@ -93,10 +96,15 @@ def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
 
 def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "f32",
              chat: bool = False) -> list[str]:
-    """The transformers directory `out` for `model` and `tokenizer` (weights in `dtype`).
-    Returns warnings worth a line each (see `write_tokenizer_files`)."""
+    """The transformers directory `out` for `model` and `tokenizer` (weights in `dtype`); an
+    image-text model is written as transformers' LLaVA (export/llava.py). Returns warnings
+    worth a line each (see `write_tokenizer_files`)."""
     from safetensors.torch import save_file
 
+    if isinstance(model, VisionLanguageModel):
+        from babyllama.export.llava import write_llava
+
+        return write_llava(model, tokenizer, out, dtype=dtype, chat=chat)
 
     if dtype not in HF_DTYPES:
         raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
@@ -215,10 +223,11 @@ def sentencepiece_to_tokenizers(tokenizer: Tokenizer):
     return tk
 
 
-def fast_tokenizer(tokenizer: Tokenizer):
+def fast_tokenizer(tokenizer: Tokenizer, bos: bool = True):
     """The `tokenizers.Tokenizer` to write as tokenizer.json. It puts BOS in front of every
     encoded text (as Llama's does): documents were trained as [bos] + text, and
-    `apply_chat_template` tokenizes without adding it again."""
+    `apply_chat_template` tokenizes without adding it again. `bos=False`: nothing is added (a
+    model that only ever reads chat prompts, which start without BOS)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import processors
 
@@ -226,6 +235,9 @@ def fast_tokenizer(tokenizer: Tokenizer):
         tk = sentencepiece_to_tokenizers(tokenizer)
     else:
         tk = HFTokenizer.from_str(tokenizer.backend.to_str())
+    if not bos:
+        tk.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+        return tk
     bos = tokenizer.special_tokens["bos"]
     tk.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
@@ -250,17 +262,18 @@ def tied_merge_scores(tokenizer: Tokenizer) -> int:
     return sum(n for n in scores.values() if n > 1)
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> list[str]:
+def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int, bos: bool = True) -> list[str]:
     """tokenizer.json + tokenizer_config.json (+ tokenizer.model for SentencePiece), loadable
-    by `AutoTokenizer.from_pretrained(out)` and by `babyllama.load(out)`. Returns a warning
-    when the fast tokenizer cannot match SentencePiece exactly."""
+    by `AutoTokenizer.from_pretrained(out)` and by `babyllama.load(out)`; `bos`: whether
+    encoding a text puts BOS in front (`fast_tokenizer`). Returns a warning when the fast
+    tokenizer cannot match SentencePiece exactly."""
     warnings = []
     if tied := tied_merge_scores(tokenizer):
         warnings.append(f"{tied} pieces of this SentencePiece model share a score with another; "
                         "transformers' fast tokenizer (tokenizer.json) may split some text "
                         "differently than SentencePiece (babyllama and llama.cpp follow "
                         "SentencePiece; tokenizer.model is included)")
-    tk = fast_tokenizer(tokenizer)
+    tk = fast_tokenizer(tokenizer, bos=bos)
     atomic_write_bytes(out / HF_FILE, tk.to_str(pretty=True).encode("utf-8"))
     if tokenizer.kind == "sentencepiece":
         atomic_write_bytes(out / SP_FILE, tokenizer.backend.serialized_model_proto())
@@ -270,7 +283,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> l
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{f"{r}_token": tokenizer.special_tokens.get(r) for r in ("bos", "eos", "pad", "unk")},
-        "add_bos_token": True,
+        "add_bos_token": bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
@@ -296,7 +309,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> l
 # Import
 
 
-def _hf_state(src: Path) -> dict[str, torch.Tensor]:
+def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = src / "model.safetensors.index.json"
@@ -320,7 +333,13 @@ def _hf_state(src: Path) -> dict[str, torch.Tensor]:
 
 def _check_llama_config(path: Path) -> None:
     """What our model cannot represent, refused by name instead of loading wrong numbers."""
-    d = read_json_object(path, "config.json")
+    problems = llama_config_problems(read_json_object(path, "config.json"))
+    if problems:
+        raise UserError(f"{path}: cannot import: " + "; ".join(problems))
+
+
+def llama_config_problems(d: dict) -> list[str]:
+    """What our model cannot represent in the transformers LlamaConfig dict `d`, one phrase each."""
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {d['hidden_act']!r} (ours is silu)")
@@ -330,16 +349,20 @@ def _check_llama_config(path: Path) -> None:
     heads = d.get("num_attention_heads") or 1
     if d.get("head_dim") not in (None, d.get("hidden_size", 0) // heads):
         problems.append(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads")
-    if problems:
-        raise UserError(f"{path}: cannot import: " + "; ".join(problems))
+    return problems
 
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A run directory (config.yaml, model.safetensors in fp32, tokenizer/) from the
-    transformers Llama directory `src`; `babyllama sft`, `eval`, `chat` and `export` take it."""
+    transformers Llama directory `src` (a LLaVA directory: an image-text run, export/llava.py);
+    `babyllama sft`, `eval`, `chat` and `export` take it."""
     src, run = Path(src), Run(out)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a transformers directory (no config.json)")
+    if read_json_object(src / "config.json", "config.json").get("model_type") == "llava":
+        from babyllama.export.llava import import_llava
+
+        return import_llava(src, out)
     run.refuse_nonempty()
     _check_llama_config(src / "config.json")
     config = model_config_from_hf(src / "config.json")
@@ -351,7 +374,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                         f"only {config.vocab_size} embeddings")
     model = Llama(config)
-    state = {k: v.float() for k, v in _hf_state(src).items()
+    state = {k: v.float() for k, v in read_hf_state(src).items()
              if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved the RoPE buffer
     load_state(model, state, src)
     run.write_plain_run(model, tokenizer, RunConfig(model=config, preset=f"imported from {src}"))

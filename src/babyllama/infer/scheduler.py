@@ -27,6 +27,7 @@ from babyllama.errors import UserError
 from babyllama.infer.config import GenerationConfig
 from babyllama.infer.engine import Batch, fit_prompts, model_device
 from babyllama.infer.generate import Detokenizer, StopStrings, resolve_stops
+from babyllama.infer.images import image_positions, is_vision_model
 from babyllama.infer.logits import History, choose_tokens
 
 # Free cache positions a batch keeps ahead of its rows; a full cache grows by as many.
@@ -64,11 +65,14 @@ _ids = itertools.count()
 class Request:
     """One generation request: a token prompt, its settings (`cfg.num_return_sequences`
     choices), the tokens that end it (`stop_ids`: EOS or the chat turn's end) and, when
-    `logprobs` is not None, that many top alternatives per generated token."""
+    `logprobs` is not None, that many top alternatives per generated token. An image-text
+    model's request may carry `pixel_values` (N, C, S, S): the images whose expanded positions
+    the prompt holds (`infer.images.image_prompt`), read at its prefill only."""
     prompt: list[int]
     cfg: GenerationConfig
     stop_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    pixel_values: torch.Tensor | None = None
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
 
@@ -172,7 +176,19 @@ class Scheduler:
                             f"{self.max_rows} rows (the server's --max-batch)")
         if request.logprobs is not None and not 0 <= request.logprobs <= 20:
             raise UserError(f"top_logprobs must be between 0 and 20, got {request.logprobs}")
-        request.prompt = fit_prompts([request.prompt], self.context, request.cfg)[0]
+        fitted = fit_prompts([request.prompt], self.context, request.cfg)[0]
+        if request.pixel_values is not None:
+            if not is_vision_model(self.model):
+                raise UserError("this model reads no images (it is a text model)")
+            if fitted != request.prompt:
+                raise UserError(f"a prompt with an image is longer than the context ({self.context} tokens, "
+                                "each image taking its share): shorten the text")
+            n = sum(1 for t in request.prompt if t == self.model.vlm_config.image_token_id)
+            k = image_positions(self.model)
+            if n != request.pixel_values.size(0) * k:
+                raise UserError(f"the prompt has {n} image positions for {request.pixel_values.size(0)} "
+                                f"image(s) of {k} positions each")
+        request.prompt = fitted
         return request
 
     def submit(self, request: Request) -> None:
@@ -316,7 +332,12 @@ class Scheduler:
                 admitted.append(self.waiting.popleft())
         if not admitted:
             return
-        prefill = Batch(self.model, [r.prompt for r in admitted], ROOM)
+        # Images enter at the prefill: the admitted requests' pixel values in row order (a
+        # padded row holds no image positions, so `VisionLanguageModel.embed` fills each
+        # request's positions with its own images).
+        images = [r.pixel_values for r in admitted if r.pixel_values is not None]
+        pixel_values = torch.cat(images) if images else None
+        prefill = Batch(self.model, [r.prompt for r in admitted], ROOM, pixel_values)
         rows = [i for i, r in enumerate(admitted) for _ in range(r.cfg.num_return_sequences)]
         if len(rows) > len(admitted):
             prefill.select(rows)

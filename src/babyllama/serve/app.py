@@ -6,6 +6,13 @@ streamed chunk of a choice carries the role, every chunk the same id, a choice's
 finish_reason, an optional usage chunk with no choices, then `data: [DONE]`. Every error is
 OpenAI's error object; a mistake in a request is a 4xx found before the first byte of a
 stream, and a fault after streaming started is sent as a `data: {"error": ...}` event.
+
+Images (an image-text run): a user message's content may hold OpenAI's `image_url` parts with
+base64 data URLs (never a URL to download); each picture is decoded and checked before the
+request is queued, its `<|image|>` positions expanded, and its pixel values travel with the
+request to its prefill (`Scheduler` prefills the admitted requests' images together, in row
+order). A text model given an image, a URL that is not a data URL, an image over 10 MB or an
+unreadable one: 400.
 """
 
 from __future__ import annotations
@@ -28,13 +35,18 @@ from babyllama.errors import UserError
 from babyllama.textfile import read_text
 from babyllama.infer.config import GenerationConfig, decoding_defaults
 from babyllama.infer.generate import encode_prompt, end_ids
+from babyllama.infer.images import IMAGE_PLACEHOLDER, image_prompt, is_vision_model
 from babyllama.infer.scheduler import Event, Request, TokenLogprob
+from babyllama.llm import image_pixels
 from babyllama.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
 from babyllama.serve.worker import EngineThread, Handle
 from babyllama.tokenizer.chat_template import encode_chat, stop_token_ids
 
 # A chat request is a few KB; 1 MiB leaves room for long documents and refuses a runaway upload.
 MAX_BODY_BYTES = 1 << 20
+# An image-text model's requests carry base64 pictures (each up to llm.MAX_IMAGE_BYTES, 4/3 of
+# that as base64): its default limit.
+MAX_IMAGE_BODY_BYTES = 32 << 20
 # The chat page: package data next to this module (pyproject.toml's package-data).
 PAGE = Path(__file__).with_name("chat.html")
 # A client that stops sending its body mid-way is let go after this long (each holds a socket).
@@ -106,9 +118,12 @@ class Gate:
 
 
 def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> Gate:
-    """The server's FastAPI app around a (started or not) `engine`."""
+               max_body_bytes: int | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> Gate:
+    """The server's FastAPI app around a (started or not) `engine`. `max_body_bytes` defaults
+    to MAX_BODY_BYTES, or MAX_IMAGE_BODY_BYTES for an image-text run (pictures travel in the body)."""
     name = model_name or Path(engine.run).resolve().name
+    if max_body_bytes is None:
+        max_body_bytes = MAX_IMAGE_BODY_BYTES if reads_images(engine.run) else MAX_BODY_BYTES
     if name in engine.adapter_dirs:
         raise UserError(f"--adapter {name}: the served run is already model {name!r}; give the adapter "
                         "another name (or the run one with --model-name)")
@@ -155,14 +170,14 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
                        param="model", code="model_not_found")
 
     def start(prompt: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...],
-              logprobs: int | None, adapter: str | None) -> Handle:
+              logprobs: int | None, adapter: str | None, pixel_values=None) -> Handle:
         context = engine.context
         if len(prompt) >= context:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {context} "
                                 f"tokens, and at least one must be left for the answer",
                            param="messages", code="context_length_exceeded")
         try:
-            request = engine.scheduler.check(Request(prompt, cfg, stop_ids, logprobs))
+            request = engine.scheduler.check(Request(prompt, cfg, stop_ids, logprobs, pixel_values=pixel_values))
         except UserError as e:
             raise APIError(400, str(e)) from None
         return engine.submit(request, adapter)
@@ -209,11 +224,19 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
         cfg = body.generation_config("chat", body.max_new_tokens())
         messages = [m.as_dict() for m in body.messages]
         tokenizer = engine.llm.tokenizer
+        images = body.images()
+        if images and not is_vision_model(engine.llm.model):
+            raise APIError(400, f"the model {body.model or name!r} reads no images (it is a text model); "
+                                f"send text only, or serve an image-text run", param="messages",
+                           code="images_not_supported")
         try:
             prompt = encode_chat(tokenizer, messages, document=body.document, add_generation_prompt=True).ids
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
-        handle = start(prompt, cfg, stop_token_ids(tokenizer), body.top(), adapter)
+        pixel_values = None
+        if is_vision_model(engine.llm.model):
+            prompt, pixel_values = await asyncio.to_thread(image_request, engine.llm.model, prompt, images)
+        handle = start(prompt, cfg, stop_token_ids(tokenizer), body.top(), adapter, pixel_values)
         include_usage = body.include_usage()
         response = Response(handle, "chatcmpl", body.model or name, chat=True)
         if body.stream:
@@ -235,6 +258,34 @@ def create_app(engine: EngineThread, *, model_name: str | None = None, api_key: 
         return await whole_response(engine, http, handle, response)
 
     return Gate(app, api_key, max_body_bytes, body_timeout_s)
+
+
+def reads_images(run: str | Path) -> bool:
+    """Whether `run` is an image-text run (False when it cannot be read: loading says why)."""
+    from babyllama.run import Run
+
+    try:
+        return Run(run).is_vision()
+    except (UserError, OSError):
+        return False
+
+
+def image_request(model, prompt: list[int], images: list[tuple[str, bytes]]):
+    """(the prompt with its image positions expanded, the images' pixel values or None), for an
+    image-text `model`. APIError 400 for an unreadable image, or images that do not pair up
+    with the prompt's `<|image|>` placeholders (a placeholder typed into a string content
+    counts). Runs off the event loop: decoding pictures takes milliseconds each."""
+    pixels = []
+    for where, data in images:
+        try:
+            pixels.append(image_pixels(model, data, where))
+        except UserError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_image") from None
+    n = sum(1 for t in prompt if t == model.vlm_config.image_token_id)
+    if n != len(pixels):
+        raise APIError(400, f"the messages hold {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(pixels)} "
+                            f"image(s): send each picture as an image_url part", param="messages")
+    return image_prompt(model, prompt, pixels)
 
 
 class Response:

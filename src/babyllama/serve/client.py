@@ -61,15 +61,18 @@ class RemoteChat:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history[skip:]
 
-    def send(self, text: str, **sampling) -> Iterator[str]:
+    def send(self, text: str, image: str | None = None, **sampling) -> Iterator[str]:
         """Stream the answer to `text`; the exchange joins the history once it is complete.
+        `image`: a picture as a data URL (`llm.image_data_url(path)`), sent as OpenAI's
+        `image_url` part before the text; it stays in the history (an image-text model).
         Raises UserError for an unreachable server or an error it returns."""
         body = api_settings(sampling) | {"stream": True}
         if self.model:
             body["model"] = self.model
         if self.document:
             body["document"] = self.document
-        user = {"role": "user", "content": text}
+        user = {"role": "user", "content": text if image is None else
+                [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": text}]}
         skip = 0
         while True:
             try:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from babyllama.errors import UserError
 from babyllama.infer.config import SEED_MAX, SEED_MIN, GenerationConfig, decoding_defaults
+from babyllama.infer.images import IMAGE_PLACEHOLDER
+from babyllama.llm import data_url_bytes
 
 log = logging.getLogger("babyllama.serve")
 
@@ -107,15 +109,43 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: StrictStr
+    detail: StrictStr | None = None  # OpenAI's resolution hint; our encoder has one size
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image part: `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
+    (only data URLs: the server never downloads)."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     # OpenAI's newer name for the system role is "developer".
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: StrictStr | list[Part]
     name: StrictStr | None = None
 
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else \
+            [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
     def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The message as the chat template takes it: a content of parts becomes a string,
+        its images first (`<|image|>\\n` each, as `LLM.chat` places them), then its texts."""
+        if isinstance(self.content, str):
+            text = self.content
+        else:
+            head = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in self.image_urls())
+            body = "".join(p.text for p in self.content if isinstance(p, TextPart))
+            text = head + body if body else head.rstrip("\n")
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -141,6 +171,28 @@ class ChatRequest(Sampling):
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if self.messages[-1].role != "user":
             raise APIError(400, "the last message must be the user's", param="messages")
+        for i, m in enumerate(self.messages):
+            if m.image_urls() and m.role != "user":
+                raise APIError(400, f"messages[{i}]: images belong in user messages", param="messages")
+            for j, url in enumerate(m.image_urls()):
+                if not url.startswith("data:"):
+                    raise APIError(400, f"messages[{i}]: image {j + 1} is not a data URL ({url[:40]!r}): the "
+                                        f"server never downloads images; send the file base64-encoded as "
+                                        f"data:image/png;base64,...", param="messages", code="image_url_not_data")
+
+    def images(self) -> list[tuple[str, bytes]]:
+        """The image files of the messages, in reading order, as (where, bytes): decoded data
+        URLs. APIError 400 for a URL that is not base64 data, or an image over
+        `llm.MAX_IMAGE_BYTES`."""
+        out = []
+        for i, m in enumerate(self.messages):
+            for j, url in enumerate(m.image_urls()):
+                where = f"messages[{i}] image {j + 1}"
+                try:
+                    out.append((where, data_url_bytes(url, where)))
+                except UserError as e:
+                    raise APIError(400, str(e), param="messages", code="invalid_image") from None
+        return out
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -173,7 +225,7 @@ class CompletionRequest(Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-FIELD_NAMES = {name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+FIELD_NAMES = {name for m in (ChatRequest, CompletionRequest, Message, TextPart, ImagePart, ImageURL, StreamOptions)
                for name in m.model_fields}
 
 

@@ -95,7 +95,7 @@ def picture(result: dict, path: Path, n: int = 8) -> None:
 
     from babyllama.atomic import atomic_path
 
-    plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"]
+    plt.rcParams["font.sans-serif"] = ["WenQuanYi Micro Hei", "Noto Sans CJK SC", "SimHei", "DejaVu Sans"]
     convs, predictions = result["convs"], result["real"].examples
     picked, seen = [], set()
     for i, c in enumerate(convs):  # one question of each type first, then any

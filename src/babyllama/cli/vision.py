@@ -57,8 +57,7 @@ def add_parser(subparsers) -> None:
                                            "questions (颜色, 形状, 数量, 位置), as LLaVA-style data.json + images/.")
     sh.add_argument("-o", "--out", required=True, help="folder to write (data.json, images/)")
     sh.add_argument("--split", default="test", choices=["train", "val", "test"])
-    sh.add_argument("--kind", default="qa", choices=["qa", "caption", "chat"],
-                    help="one question per record (qa, default), captions, or all of a picture's questions (chat)")
+    sh.add_argument("--kind", default="qa", choices=["qa", "caption"])
     sh.add_argument("-n", type=int, help="number of pictures (default: the split's size)")
     sh.add_argument("--size", type=int, default=64, help="picture side in pixels (default 64)")
     sh.add_argument("--seed", type=int, default=0)

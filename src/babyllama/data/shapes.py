@@ -49,9 +49,6 @@ SHAPES_SOURCE = "builtin:" + SHAPES_NAME
 SPLITS = {"train": 4000, "val": 200, "test": 500}
 _BUCKETS = {"test": range(0, 10), "val": range(10, 15)}
 QTYPES = ("颜色", "形状", "数量", "位置")
-# caption: one description per picture; qa: one question per conversation; chat: all of a
-# picture's questions in one conversation.
-SHAPES_KINDS = ("caption", "qa", "chat")
 
 KINDS = ("圆形", "正方形", "三角形", "十字形")
 COLOURS = {"红色": (220, 30, 30), "绿色": (20, 160, 50), "蓝色": (30, 70, 230),
@@ -190,29 +187,20 @@ def shapes_conversations(split: str, kind: str = "qa", n: int | None = None, see
                          size: int = 64) -> list[ImageConversation]:
     """The scenes of `shape_scenes(split, n, seed, size)` as conversations whose image is the
     PIL picture: kind "caption", one per scene (a prompt from CAPTION_PROMPTS -> the caption),
-    "qa", one per question ("<|image|>\\n{question}" -> answer, qtype set), or "chat", one
-    multi-turn conversation per scene asking all its questions in a seeded order (the image in
-    the first turn, as LLaVA-Instruct's conversations: one image encoding trains every
-    answer). `where` is "builtin:shapes-zh#split:N", N the scene's 1-based number."""
+    or "qa", one per question ("<|image|>\\n{question}" -> answer, qtype set). `where` is
+    "builtin:shapes-zh#split:N", N the scene's 1-based number."""
+    if kind not in ("caption", "qa"):
+        raise UserError(f"{SHAPES_SOURCE}: unknown kind {kind!r} (kinds: caption, qa)")
     return _conversations(shape_scenes(split, n, seed, size), split, kind, seed)
 
 
 def _conversations(scenes: list[ShapeScene], split: str, kind: str, seed: int) -> list[ImageConversation]:
-    if kind not in SHAPES_KINDS:
-        raise UserError(f"{SHAPES_SOURCE}: unknown kind {kind!r} (kinds: {', '.join(SHAPES_KINDS)})")
+    if kind not in ("caption", "qa"):
+        raise UserError(f"{SHAPES_SOURCE}: unknown kind {kind!r} (kinds: caption, qa)")
     rng = random.Random(f"{SHAPES_NAME}/{split}/{seed}/prompts")
     convs = []
     for i, scene in enumerate(scenes, 1):
         where = f"{SHAPES_SOURCE}#{split}:{i}"
-        if kind == "chat":
-            questions = list(scene.questions)
-            rng.shuffle(questions)
-            messages = []
-            for k, (_, question, answer) in enumerate(questions):
-                prefix = f"{IMAGE_PLACEHOLDER}\n" if k == 0 else ""
-                messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
-            convs.append(ImageConversation(scene.image, messages, where, ""))
-            continue
         for qtype, question, answer in _pairs(scene, kind, rng):
             convs.append(ImageConversation(scene.image, [
                 {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},

@@ -294,9 +294,11 @@ def read_image_data(cfg: RunConfig, bad: BadRecords) -> tuple[list, list, list[s
     if not s.sources:
         raise UserError(f"no data: pass --data FILE (LLaVA-style JSON/JSONL) or --data builtin:shapes-zh "
                         f"(see `babyllama {cfg.stage} --help`)")
-    # The built-in set: captions to align; to instruct, each picture's questions as one
-    # multi-turn conversation (one encoding of the picture trains all its answers).
-    kind = "caption" if cfg.stage == "align" else "chat"
+    # The built-in set: captions to align, one question per conversation to instruct. (All
+    # of a picture's questions in one conversation would be cheaper, but a later question
+    # often names an earlier answer -- "图中绿色的图形是什么形状？" after "绿色" -- so the
+    # model learns to copy from the text instead of looking.)
+    kind = "caption" if cfg.stage == "align" else "qa"
     images_dir = Path(cfg.vlm.images) if cfg.vlm.images else None
     if images_dir is not None and not images_dir.is_dir():
         raise UserError(f"{images_dir}: no such image folder (vlm.images / --images)")

@@ -8,9 +8,9 @@ Baselines (seed 0's worry: is the model using the picture, or guessing from the 
 - majority: always answering the most frequent answer of the question type (chance level);
 - shuffled: the same model, with each question's picture swapped for another question's.
 
-`--variants` adds seed 0's freezing comparison: instruct with the language model frozen, with
-the encoder frozen, and with both frozen (projector only), each from the same align run and
-for the same number of steps.
+`--variants` adds seed 0's freezing comparison: instruct with everything trained, with the
+language model frozen, with the encoder frozen, and with both frozen (projector only), each
+from the same align run for `--variant-steps` steps.
 
 Figures are measurements of one run on this machine, not pass/fail tests; the README's table
 comes from here. Writes RUN_DIR/vision_shapes.md and, with --picture, a PNG of test pictures
@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=800, help="test questions scored (default 800)")
     p.add_argument("--variants", action="store_true", help="also the freezing variants of instruct")
+    p.add_argument("--variant-steps", type=int, default=400, help="instruct steps of each variant (default 400)")
     p.add_argument("--picture", help="write a PNG of test pictures and the model's answers here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE settings for both stages (vlm.vision.*, ...)")
@@ -137,14 +138,15 @@ def main() -> None:
                                  [f"train.max_steps={args.align_steps}", *common])
     instruct_overrides = [f"train.max_steps={args.instruct_steps}", *common]
     instruct, instruct_s = train_stage("instruct", align, out / "instruct", instruct_overrides)
-    runs = [("instruct (encoder + projector + LM)", instruct, instruct_s)]
+    runs = [(f"instruct {args.instruct_steps} steps (encoder + projector + LM)", instruct, instruct_s)]
     if args.variants:
-        for name, flags in (("LM frozen", ["vlm.freeze_language=true"]),
+        short = [f"train.max_steps={args.variant_steps}", *common]
+        for name, flags in (("all trained", []), ("LM frozen", ["vlm.freeze_language=true"]),
                             ("encoder frozen", ["vlm.freeze_vision=true"]),
                             ("projector only", ["vlm.freeze_language=true", "vlm.freeze_vision=true"])):
             slug = name.replace(" ", "-")
-            run_dir, seconds = train_stage("instruct", align, out / f"instruct-{slug}", instruct_overrides + flags)
-            runs.append((name, run_dir, seconds))
+            run_dir, seconds = train_stage("instruct", align, out / f"variant-{slug}", short + flags)
+            runs.append((f"{args.variant_steps} steps, {name}", run_dir, seconds))
 
     from babyllama.run import Run
 
@@ -160,10 +162,10 @@ def main() -> None:
              f"images/s), batch {args.batch_size}", ""]
     rows = []
     first_result = None
-    for name, run_dir, _ in runs:
+    for name, run_dir, seconds in runs:
         result = evaluate(run_dir, args.limit, args.seed)
         first_result = first_result or result
-        rows.append((name, result["real"].accuracy))
+        rows.append((f"{name} ({seconds:.0f} s)", result["real"].accuracy))
         rows.append((f"{name}, shuffled pictures", result["shuffled"].accuracy))
     rows.append(("majority answer (chance)", first_result["majority"]))
     lines.append(accuracy_table(rows))

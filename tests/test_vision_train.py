@@ -147,3 +147,24 @@ def test_missing_and_corrupt_images_are_counted_skips(vision_base, tmp_path, cap
     out = capsys.readouterr().out
     assert "6 conversations" in out
     assert "missing.png" in out and "bad.jpg" in out
+
+
+def test_vision_init_loads_a_siglip_checkpoint_and_keeps_it_frozen(vision_base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, vision_use_head=True))
+    siglip.save_pretrained(tmp_path / "siglip")
+    align = vision_stage("align", vision_base, tmp_path / "align", "train.max_steps=2",
+                         f"vlm.vision_init={tmp_path / 'siglip'}", "vlm.vision.image_size=32")
+    run = Run(align)
+    assert run.config().vlm.vision.num_hidden_layers == 2 and run.config().vlm.freeze_vision is True
+    state = read_weights(run.weights_file)
+    for k, v in siglip.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(state[f"vision_tower.{k}"], v), k
+    instruct = vision_stage("instruct", align, tmp_path / "instruct", "train.max_steps=2")
+    assert Run(instruct).config().vlm.freeze_vision is True    # a pretrained encoder stays frozen
+    with pytest.raises(UserError, match="disagrees with the SigLIP checkpoint"):
+        vision_stage("align", vision_base, tmp_path / "clash", f"vlm.vision_init={tmp_path / 'siglip'}",
+                     "vlm.vision.patch_size=4")

@@ -168,3 +168,14 @@ def test_vision_init_loads_a_siglip_checkpoint_and_keeps_it_frozen(vision_base, 
     with pytest.raises(UserError, match="disagrees with the SigLIP checkpoint"):
         vision_stage("align", vision_base, tmp_path / "clash", f"vlm.vision_init={tmp_path / 'siglip'}",
                      "vlm.vision.patch_size=4")
+
+
+def test_text_stages_refuse_an_image_text_base(vision_run, tmp_path):
+    from babyllama.config import parse_overrides
+    from babyllama.train.sft import run_sft, sft_config
+
+    values = parse_overrides(["train.max_steps=1"])
+    values["sft"] = {"sources": ["builtin:chatterbot-zh"]}
+    values["out_dir"] = str(tmp_path / "sft")
+    with pytest.raises(UserError, match="is an image-text run; fine-tune it further with `babyllama instruct`"):
+        run_sft(sft_config(vision_run, values))

@@ -151,6 +151,9 @@ def start_finetune(cfg: RunConfig, resume: bool) -> tuple[Run, Run]:
         raise UserError(f"{base.path}: is a LoRA run; merge it first (babyllama merge-lora "
                         f"{base.path} -o MERGED) and start from the merged run")
     base.require_trained()
+    if base.is_vision() and cfg.stage not in VLM_STAGES:
+        raise UserError(f"{base.path}: is an image-text run; fine-tune it further with `babyllama instruct` "
+                        f"({cfg.stage} trains a text model)")
     if base.is_reward_model():
         raise UserError(f"{base.path}: is a reward model (a scalar head, no language-model head); "
                         f"{cfg.stage} starts from a chat (SFT) run")

@@ -95,7 +95,17 @@ def picture(result: dict, path: Path, n: int = 8) -> None:
 
     from babyllama.atomic import atomic_path
 
-    plt.rcParams["font.sans-serif"] = ["WenQuanYi Micro Hei", "Noto Sans CJK SC", "SimHei", "DejaVu Sans"]
+    # A font with Chinese glyphs, where the system has one (Debian: fonts-wqy-microhei or
+    # fonts-noto-cjk); matplotlib's own DejaVu has none.
+    from matplotlib import font_manager
+
+    found = [f for pattern in ("wqy*", "*Noto*CJK*", "*DroidSansFallback*")
+             for f in sorted(Path("/usr/share/fonts").rglob(pattern)) if f.suffix in (".ttc", ".ttf", ".otf")]
+    if found:
+        font_manager.fontManager.addfont(str(found[0]))
+        plt.rcParams["font.sans-serif"] = [font_manager.FontProperties(fname=str(found[0])).get_name(), "DejaVu Sans"]
+    else:
+        print("note: no Chinese font found (apt install fonts-wqy-microhei): the picture's titles show boxes")
     convs, predictions = result["convs"], result["real"].examples
     picked, seen = [], set()
     for i, c in enumerate(convs):  # one question of each type first, then any
@@ -109,7 +119,7 @@ def picture(result: dict, path: Path, n: int = 8) -> None:
         c, p = convs[i], predictions[i]
         ax.imshow(c.image)
         ax.set_axis_off()
-        mark = "✓" if p.correct else "✗"
+        mark = "对" if p.correct else "错"
         ax.set_title(f"{p.question}\n{mark} {p.prediction}  (ref {p.reference})", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -99,8 +99,6 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
     """The transformers directory `out` for `model` and `tokenizer` (weights in `dtype`); an
     image-text model is written as transformers' LLaVA (export/llava.py). Returns warnings
     worth a line each (see `write_tokenizer_files`)."""
-    from safetensors.torch import save_file
-
     if isinstance(model, VisionLanguageModel):
         from babyllama.export.llava import write_llava
 
@@ -112,12 +110,19 @@ def write_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, dtype: str = "
         raise UserError(f"the model has {model.config.vocab_size} token embeddings but the "
                         f"tokenizer {tokenizer.vocab_size} tokens")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch_dtype = HF_DTYPES[dtype]
+    write_safetensors(model, out, torch_dtype)
+    return write_model_files(model, tokenizer, out, chat, torch_dtype)
+
+
+def write_safetensors(model, out: Path, torch_dtype) -> None:
+    """`out`/model.safetensors: the model's state dict (a tied head once) in `torch_dtype`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model_state(model).items()}
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    return write_model_files(model, tokenizer, out, chat, torch_dtype)
 
 
 def write_hf_reward(model, tokenizer: Tokenizer, out: str | Path, dtype: str = "f32") -> list[str]:

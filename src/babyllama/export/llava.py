@@ -36,16 +36,16 @@ from pathlib import Path
 
 import torch
 
-from babyllama.atomic import atomic_path, atomic_write_text
+from babyllama.atomic import atomic_write_text
 from babyllama.config import RunConfig, VisionSection
 from babyllama.errors import UserError
-from babyllama.export.hf import (HF_DTYPES, generation_defaults, hf_config, llama_config_problems,
+from babyllama.export.hf import (HF_DTYPES, generation_defaults, hf_config, llama_config_problems, write_safetensors,
                                  read_hf_state, write_json, write_tokenizer_files)
 from babyllama.infer.images import IMAGE_PLACEHOLDER
 from babyllama.model.llama import ModelConfig
 from babyllama.model.vision import VisionConfig
 from babyllama.model.vlm import PROJECTOR_ACTIVATIONS, VisionLanguageModel, VLMConfig
-from babyllama.model.weights import load_state, model_state
+from babyllama.model.weights import load_state
 from babyllama.run import HF_CONFIG_KEYS, SIGLIP_CONFIG_KEYS, Run
 from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
@@ -137,7 +137,6 @@ def write_llava(model: VisionLanguageModel, tokenizer: Tokenizer, out: str | Pat
                 chat: bool = True) -> list[str]:
     """The transformers LLaVA directory `out` for the image-text `model` (module docstring).
     Returns the tokenizer's warnings. Raises UserError for what LLaVA cannot express."""
-    from safetensors.torch import save_file
 
     if dtype not in HF_DTYPES:
         raise UserError(f"--dtype {dtype}: the transformers format takes {', '.join(HF_DTYPES)}")
@@ -151,11 +150,8 @@ def write_llava(model: VisionLanguageModel, tokenizer: Tokenizer, out: str | Pat
         raise UserError(f"the model's image token id {c.image_token_id} is not the tokenizer's "
                         f"image token ({image!r}: {tokenizer.token_to_id(image) if image else None})")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch_dtype = HF_DTYPES[dtype]
-    state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model_state(model).items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_safetensors(model, out, torch_dtype)
     write_json(out / "config.json", llava_config(model, tokenizer, torch_dtype))
     write_json(out / "generation_config.json", generation_defaults(tokenizer, chat))
     warnings = write_tokenizer_files(tokenizer, out, model.config.max_position_embeddings, bos=False)

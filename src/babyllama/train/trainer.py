@@ -186,13 +186,18 @@ def evaluate(model, eval_set, device, precision: str, info: DistInfo) -> dict:
         sums[2] += correct.sum()
     all_reduce_sum(sums, info)
     model.train(was_training)
-    nats, n, correct = sums.tolist()
+    return eval_metrics(*sums.tolist(), eval_set.chars, eval_set.bytes)
+
+
+def eval_metrics(nats: float, n: float, correct: float, chars: int, n_bytes: int) -> dict:
+    """The val_* numbers from summed target nats, target count and correct next-token guesses
+    over text of `chars` characters and `n_bytes` UTF-8 bytes; {} without targets."""
     if n == 0:
         return {}
     loss = nats / n
     bits = nats / math.log(2)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / n,
-            "val_bpc": bits / max(1, eval_set.chars), "val_bpb": bits / max(1, eval_set.bytes)}
+            "val_bpc": bits / max(1, chars), "val_bpb": bits / max(1, n_bytes)}
 
 
 # ----------------------------------------------------------------------------------------

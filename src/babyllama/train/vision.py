@@ -21,7 +21,6 @@ folder is never held in memory).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from babyllama.run import Run, read_siglip
 from babyllama.tokenizer.chat_template import fit_chat
 from babyllama.train.distributed import all_reduce_sum, cleanup, init_distributed
 from babyllama.train.sft import finetune_schedule, finetune_tokenizer, report_start, start_finetune
-from babyllama.train.trainer import autocast_context, train
+from babyllama.train.trainer import autocast_context, eval_metrics, train
 
 
 @dataclass
@@ -171,13 +170,7 @@ class HeldOutImageText:
             sums[2] += (logits.argmax(-1).eq(y) & scored).sum()
         all_reduce_sum(sums, info)
         model.train(was_training)
-        nats, n, correct = sums.tolist()
-        if n == 0:
-            return {}
-        loss = nats / n
-        bits = nats / math.log(2)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / n,
-                "val_bpc": bits / max(1, self.chars), "val_bpb": bits / max(1, self.bytes)}
+        return eval_metrics(*sums.tolist(), self.chars, self.bytes)
 
 
 def image_sample_fn(convs: list[ImageConversation], proc: ImageProcessing):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from babyllama.cli.runs import add_run_args, resume_config, split_overrides
+from babyllama.cli.runs import add_run_args, split_overrides, stage_config
 from babyllama.errors import UserError
 
 STAGE_HELP = {
@@ -122,8 +122,7 @@ def stage_values(args, values: dict) -> dict:
 
 def cmd_stage(args) -> None:
     from babyllama.config import parse_overrides
-    from babyllama.run import Run
-    from babyllama.train.sft import absolute_source, sft_config
+    from babyllama.train.sft import absolute_source
 
     args.data, more = split_overrides(args.data)
     args.overrides = list(args.overrides or []) + more
@@ -137,17 +136,7 @@ def cmd_stage(args) -> None:
             values["grpo"]["reward"] = "rm:" + str(Path(reward[3:]).resolve())
         elif target.endswith(".py"):
             values["grpo"]["reward"] = f"{Path(target).resolve()}:{name}"
-    if args.resume:
-        stage = Run(args.out).config().stage
-        if stage != args.stage:
-            raise UserError(f"{args.out}: is a {stage} run; resume it with `babyllama {stage}`")
-        if args.base:
-            values["sft"]["base"] = str(Path(args.base).resolve())
-        cfg = resume_config(args, values)
-    else:
-        if not args.base:
-            raise UserError(f"pass --base RUN (the chat run to start {args.stage} from)")
-        cfg = sft_config(args.base, values, stage=args.stage)
+    cfg = stage_config(args, values, "the chat run")
     if args.stage == "dpo":
         from babyllama.train.dpo import run_dpo
 

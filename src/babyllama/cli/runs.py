@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from babyllama.errors import UserError
+
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """What every training stage takes: its run directory, --resume and config overrides."""
@@ -35,3 +37,25 @@ def split_overrides(items: list[str] | None) -> tuple[list[str], list[str]]:
     hands argparse's `--data` both, since it takes every word up to the next flag."""
     items = items or []
     return [i for i in items if not OVERRIDE.fullmatch(i)], [i for i in items if OVERRIDE.fullmatch(i)]
+
+
+def stage_config(args, values: dict, what: str):
+    """The config of a stage that starts from a base run (`args.stage`, read by `babyllama dpo`,
+    `instruct`, ...): with --resume the saved one, the command's `values` checked against it
+    (the run must be of this stage); else the base's config with `values` applied. `what`
+    names the base a new run needs ("the chat run")."""
+    from pathlib import Path
+
+    from babyllama.run import Run
+    from babyllama.train.sft import sft_config
+
+    if args.resume:
+        stage = Run(args.out).config().stage
+        if stage != args.stage:
+            raise UserError(f"{args.out}: is a {stage} run; resume it with `babyllama {stage}`")
+        if args.base:
+            values["sft"]["base"] = str(Path(args.base).resolve())
+        return resume_config(args, values)
+    if not args.base:
+        raise UserError(f"pass --base RUN ({what} to start {args.stage} from)")
+    return sft_config(args.base, values, stage=args.stage)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from babyllama.cli.runs import add_run_args, resume_config, split_overrides
+from babyllama.cli.runs import add_run_args, split_overrides, stage_config
 from babyllama.errors import UserError
 
 STAGE_HELP = {
@@ -97,8 +97,7 @@ def stage_values(args, values: dict) -> dict:
 
 def cmd_stage(args) -> None:
     from babyllama.config import parse_overrides
-    from babyllama.run import Run
-    from babyllama.train.sft import absolute_source, sft_config
+    from babyllama.train.sft import absolute_source
     from babyllama.train.vision import run_vision_stage
 
     args.data, more = split_overrides(args.data)
@@ -107,17 +106,7 @@ def cmd_stage(args) -> None:
     if "sources" in values["sft"]:
         values["sft"]["sources"] = [s if s.startswith("builtin:") else absolute_source(s)
                                     for s in values["sft"]["sources"]]
-    if args.resume:
-        stage = Run(args.out).config().stage
-        if stage != args.stage:
-            raise UserError(f"{args.out}: is a {stage} run; resume it with `babyllama {stage}`")
-        if args.base:
-            values["sft"]["base"] = str(Path(args.base).resolve())
-        cfg = resume_config(args, values)
-    else:
-        if not args.base:
-            raise UserError(f"pass --base RUN (the run to start {args.stage} from)")
-        cfg = sft_config(args.base, values, stage=args.stage)
+    cfg = stage_config(args, values, "the language-model or image-text run")
     run_dir = run_vision_stage(cfg, resume=args.resume)
     print(f"run directory: {run_dir}")
     print(f"ask about a picture: babyllama chat {run_dir} --image PICTURE.png")

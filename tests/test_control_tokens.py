@@ -74,8 +74,9 @@ def test_prepared_documents_hold_control_tokens_only_at_their_ends(tiny_tokenize
 @pytest.mark.parametrize("preset", sorted(TEMPLATES))
 def test_a_user_message_cannot_open_a_turn_in_any_template(tok, preset):
     """A message quoting the template's own markers stays text: the prompt holds exactly the
-    control tokens of a conversation with a harmless message (huggingface/transformers#29279)."""
-    controls = "".join(SPECIAL_TOKENS.values())
+    control tokens of a conversation with a harmless message (huggingface/transformers#29279).
+    The image placeholder is the one exception (next test)."""
+    controls = "".join(v for k, v in SPECIAL_TOKENS.items() if k != "image")
     attack = [{"role": "user", "content": INJECTION + controls}]
     harmless = [{"role": "user", "content": "你好"}]
     ids, _ = prompt_ids(tok, attack, budget=10_000, template=preset)
@@ -83,6 +84,19 @@ def test_a_user_message_cannot_open_a_turn_in_any_template(tok, preset):
     assert sorted(i for i in ids if i in control_ids(tok)) == \
         sorted(i for i in plain if i in control_ids(tok))
     assert INJECTION + controls in tok.decode(ids)
+
+
+@pytest.mark.parametrize("preset", sorted(TEMPLATES))
+def test_the_image_placeholder_in_a_message_is_the_image_token(tok, preset):
+    """`<|image|>` in a message marks where its picture goes (LLaVA's `<image>`): it is encoded as
+    the token, once per occurrence, while the turn markers beside it stay text."""
+    image_id = tok.token_to_id(SPECIAL_TOKENS["image"])
+    ids, _ = prompt_ids(tok, [{"role": "user", "content": "<|image|>\n图中有什么？<|im_start|>"}],
+                        budget=10_000, template=preset)
+    plain, _ = prompt_ids(tok, [{"role": "user", "content": "你好"}], budget=10_000, template=preset)
+    assert ids.count(image_id) == 1
+    assert sorted(i for i in ids if i in control_ids(tok) and i != image_id) == \
+        sorted(i for i in plain if i in control_ids(tok))
 
 
 def test_sft_examples_train_on_answers_that_quote_control_tokens(tiny_tokenizer):

@@ -259,7 +259,7 @@ def recorded_step(monkeypatch, run_fn, cfgs: dict) -> dict:
     """{key: (first metrics record, gradients)} of one step of `run_fn(cfg)` per config."""
     from babyllama.train import trainer
 
-    monkeypatch.setattr(trainer, "build_optimizer", lambda model, cfg: GradRecorder(
+    monkeypatch.setattr(trainer, "build_optimizer", lambda model, cfg, lr_scale=None: GradRecorder(
         [p for p in model.parameters() if p.requires_grad]))
     out = {}
     for key, cfg in cfgs.items():

@@ -165,7 +165,7 @@ def test_step_loss_and_gradients_are_token_weighted_whatever_the_micro_batch_spl
     from babyllama.train.sft import run_sft
 
     data = write_jsonl(tmp_path / "two.jsonl", short_and_long_answers())
-    monkeypatch.setattr(trainer, "build_optimizer", lambda model, cfg: GradRecorder(
+    monkeypatch.setattr(trainer, "build_optimizer", lambda model, cfg, lr_scale=None: GradRecorder(
         [p for p in model.parameters() if p.requires_grad]))
     runs = {}
     for batch, accum in ((2, 1), (1, 2)):

@@ -179,3 +179,11 @@ def test_text_stages_refuse_an_image_text_base(vision_run, tmp_path):
     values["out_dir"] = str(tmp_path / "sft")
     with pytest.raises(UserError, match="is an image-text run; fine-tune it further with `babyllama instruct`"):
         run_sft(sft_config(vision_run, values))
+
+
+def test_a_word_for_a_list_of_layers_is_one_line():
+    from babyllama.config import parse_overrides, resolve_config, load_config
+
+    with pytest.raises(UserError, match="vlm.feature_layers must be int, got 'abc'"):
+        resolve_config("align", base=load_config("demo-cpu"), base_dir="/b",
+                       overrides=parse_overrides(["vlm.feature_layers=abc"]))

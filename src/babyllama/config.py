@@ -376,7 +376,8 @@ def _coerce(value, hint, key: str, source: str):
             items = [v if item is typing.Any else _coerce(v, item, key, source) for v in value]
             return tuple(items) if origin is tuple else items
         if origin is list and isinstance(value, str):
-            return [value]
+            item = args[0] if args else typing.Any
+            return [value if item is typing.Any else _coerce(value, item, key, source)]
     name = getattr(hint, "__name__", str(hint))
     raise UserError(f"{source}: {key} must be {name}, got {value!r}")
 

@@ -32,7 +32,7 @@ from babyllama.config import RunConfig
 from babyllama.data.images import ImageProcessing, load_pixels, pixel_values
 from babyllama.data.llava import ImageConversation, image_conversations
 from babyllama.data.records import BadRecords
-from babyllama.data.sft import IGNORE, BuildStats, SFTBatches, split_validation
+from babyllama.data.sft import IGNORE, BuildStats, SFTBatches, eval_batches, split_validation
 from babyllama.errors import UserError
 from babyllama.infer.chat import chat_text
 from babyllama.infer.config import GenerationConfig
@@ -140,9 +140,12 @@ class HeldOutImageText:
     images (the numbers `babyllama eval --task lm` and SFT report)."""
 
     def __init__(self, examples: list[ImageExample], batch_size: int, tokenizer, proc: ImageProcessing):
+        # SFT's padded evaluation batches, and beside each the examples it holds (the same
+        # length order `eval_batches` sorts by) for their pictures.
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-        self.batches = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-        self.pad_id, self.proc = tokenizer.pad_id, proc
+        rows = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        self.batches = [(x, y, r) for (x, y), r in zip(eval_batches(examples, batch_size, tokenizer.pad_id), rows)]
+        self.proc = proc
         texts = [tokenizer.decode([int(t) for t in e.ids[e.mask]]) for e in examples]
         self.chars = sum(map(len, texts))
         self.bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -152,15 +155,9 @@ class HeldOutImageText:
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, correct
-        for i, rows in enumerate(self.batches):
+        for i, (x, y, rows) in enumerate(self.batches):
             if i % info.world_size != info.rank:
                 continue
-            T = max(len(e.ids) - 1 for e in rows)
-            x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-            y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-            for r, e in enumerate(rows):
-                xi, yi = e.inputs_targets()
-                x[r, :len(xi)], y[r, :len(yi)] = torch.from_numpy(xi.astype(np.int64)), torch.from_numpy(yi)
             x, y = x.to(device), y.to(device)
             with autocast_context(precision, device):
                 logits, nats = model(x, y, loss_reduction="sum", pixel_values=batch_pixels(rows, self.proc, device))

@@ -40,6 +40,10 @@ class TrainConfig:
     batch_size: int = 16            # sequences per micro-step per process
     grad_accum: int = 1             # micro-steps per optimizer step
     max_steps: int = 1000
+    # > 0: training ends once this much wall time (minutes, evaluations and checkpoints
+    # included) is spent, or at max_steps if that comes first; the schedule then follows the
+    # time (train/schedule.py), and a resumed run keeps the time already spent.
+    max_minutes: float = 0.0
     lr: float = 6e-4
     min_lr_ratio: float = 0.1       # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -78,6 +82,8 @@ class TrainConfig:
                 out.append(f"train.{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             out.append(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.max_minutes < math.inf:
+            out.append(f"train.max_minutes must be 0 (off) or a positive number, got {self.max_minutes}")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:

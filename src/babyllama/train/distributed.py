@@ -47,6 +47,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (a single process returns it unchanged)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

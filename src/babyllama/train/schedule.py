@@ -2,7 +2,8 @@
 Hutter 2017, SGDR without restarts) or linear decay to a floor, or warmup-stable-decay (WSD,
 Hu et al. 2024, MiniCPM: constant lr, then a short decay at the end).
 
-A pure function of the step, so a resumed run needs no scheduler state.
+A pure function of the step, so a resumed run needs no scheduler state; under a time budget
+(`train.max_minutes`), of the step and the share of the budget spent.
 """
 
 from __future__ import annotations
@@ -12,24 +13,37 @@ import math
 from babyllama.config import TrainConfig
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, fraction: float | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based): rises linearly to `cfg.lr` over
     `warmup_steps`, then follows `cfg.schedule` down to `cfg.lr * min_lr_ratio` at the last
-    step (wsd: decays over the last `decay_fraction` of the steps; constant: stays at the peak)."""
+    step (wsd: decays over the last `decay_fraction` of the steps; constant: stays at the peak).
+
+    `fraction` (0..1, the share of `train.max_minutes` already spent) replaces the step count
+    as the measure of progress after warmup, so the rate reaches its floor when the time runs
+    out however fast the machine is: cosine and linear decay over the whole budget, wsd decays
+    over its last `decay_fraction`. Warmup stays in steps (it guards the first updates, which
+    happen at the same steps on any machine)."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    last = cfg.max_steps - 1  # the final step runs at the floor
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return peak
-    if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.max_steps * cfg.decay_fraction))
-        decay_start = max(cfg.warmup_steps, cfg.max_steps - decay_steps)
-        if step < decay_start:
-            return peak
-        progress = (step - decay_start) / max(1, last - decay_start)
-        return peak - (peak - floor) * min(1.0, progress)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, last - cfg.warmup_steps))
+    if fraction is not None:
+        fraction = min(1.0, max(0.0, fraction))
+        if cfg.schedule == "wsd":
+            decay = (fraction - (1 - cfg.decay_fraction)) / cfg.decay_fraction
+            return peak - (peak - floor) * max(0.0, decay)
+        progress = fraction
+    else:
+        last = cfg.max_steps - 1  # the final step runs at the floor
+        if cfg.schedule == "wsd":
+            decay_steps = max(1, round(cfg.max_steps * cfg.decay_fraction))
+            decay_start = max(cfg.warmup_steps, cfg.max_steps - decay_steps)
+            if step < decay_start:
+                return peak
+            progress = (step - decay_start) / max(1, last - decay_start)
+            return peak - (peak - floor) * min(1.0, progress)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, last - cfg.warmup_steps))
     if cfg.schedule == "linear":
         return peak - (peak - floor) * progress
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))

@@ -35,7 +35,7 @@ from babyllama.infer.config import decoding_defaults
 from babyllama.infer.generate import generate_text
 from babyllama.run import Run
 from babyllama.train.checkpoint import load_resume, save_resume
-from babyllama.train.distributed import DistInfo, all_reduce_sum
+from babyllama.train.distributed import DistInfo, all_reduce_sum, broadcast_float
 from babyllama.train.metrics import MetricsLog, plot_loss
 from babyllama.train.schedule import lr_at
 
@@ -422,16 +422,44 @@ def write_samples(model, tokenizer, t: TrainConfig, step: int, path: Path, bar, 
         f.write(block + "\n\n")
 
 
-def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int) -> None:
+def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int, elapsed_s: float) -> None:
     """Save the resume state and publish its weights (main process); every rank then waits
     at a barrier, so none runs ahead of a checkpoint that is still being written."""
     if s.info.is_main:
-        state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps}
+        state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps,
+                 "elapsed_s": round(elapsed_s, 3)}
         if s.cfg.stage in FINETUNE_STAGES:
             state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
         write_checkpoint(run, s.model, s.optimizer, s.scaler, state)
     if s.info.enabled:
         torch.distributed.barrier()
+
+
+class TrainClock:
+    """Wall time of the training loop, across resumes (`elapsed_s` of the resume state), and
+    the share of `train.max_minutes` it has spent. Under DDP every rank takes rank 0's clock:
+    the stop and the learning rate must be the same on all ranks, or they hang or diverge."""
+
+    def __init__(self, max_minutes: float, spent_s: float, info: DistInfo, device: torch.device):
+        self.budget_s = max_minutes * 60
+        self.spent_s, self.t0 = spent_s, time.perf_counter()
+        self.info, self.device = info, device
+
+    def elapsed(self) -> float:
+        """Seconds spent so far (the same number on every rank)."""
+        return broadcast_float(self.spent_s + time.perf_counter() - self.t0, self.info, self.device)
+
+    def fraction(self, elapsed: float) -> float | None:
+        """Share of the budget that `elapsed` seconds are; None without a budget."""
+        return elapsed / self.budget_s if self.budget_s else None
+
+
+def expected_total(done: int, fraction: float | None, max_steps: int) -> int:
+    """The progress bar's total: max_steps, or under a time budget the steps the time will
+    allow at the pace so far (a time budget's max_steps is only a cap)."""
+    if not fraction:
+        return max_steps
+    return min(max_steps, max(done, round(done / min(1.0, fraction))))
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,7 +469,8 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int) -> Non
 def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainData,
           eval_set: EvalSet | None, run_dir: Path, device: torch.device,
           info: DistInfo | None = None, resume: bool = False, sample_fn=None, lr_scale=None) -> dict:
-    """Run (or continue) training up to `cfg.train.max_steps`; returns the last metrics.
+    """Run (or continue) training up to `cfg.train.max_steps`, or until `train.max_minutes`
+    of wall time are spent; returns the last metrics.
 
     `tokens` in the metrics counts trained targets (every position when pretraining, the
     assistant tokens in SFT). `sample_fn(model, tokenizer, prompt, sampling) -> str` writes the
@@ -457,10 +486,11 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     prepare_model(model, precision, device, t.activation_checkpointing)
     optimizer = build_optimizer(model, t, lr_scale)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, spent_s = 0, 0, 0.0
     if resume:  # before DDP wraps the model: DDP broadcasts rank 0's weights as it starts
         state = load_checkpoint(run, model, optimizer, scaler)
         start_step, tokens_seen = state["step"], state["tokens"]
+        spent_s = state.get("elapsed_s", 0.0)  # states saved before time budgets have none
     # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
     tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage in CHAT_STAGES, progress=False)
              for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
@@ -475,11 +505,16 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     last: dict = {}
     bad_in_a_row = 0
     rate = TokenRate()
+    clock = TrainClock(t.max_minutes, spent_s, info, device)
+    elapsed = clock.elapsed()
 
     # The bar is closed however the loop ends, so an error is printed on a line of its own.
     try:
         for step in range(start_step, t.max_steps):
-            lr = lr_at(step, t)
+            fraction = clock.fraction(elapsed)
+            if fraction is not None and fraction >= 1:
+                break  # resumed after the time ran out: the final actions were done then
+            lr = lr_at(step, t, fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             result = optimizer_step(s, train_data, step)
@@ -488,16 +523,19 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             tokens_seen += result.tokens
             rate.add(result.tokens)
             done = step + 1
+            elapsed = clock.elapsed()
+            fraction = clock.fraction(elapsed)
+            final = done == t.max_steps or (fraction is not None and fraction >= 1)
             if not result.finite:
                 bad_in_a_row += 1
                 log_skipped_step(metrics, bar, done, tokens_seen, result, bad_in_a_row, t.max_bad_steps)
             else:
                 bad_in_a_row = 0
-                if done % t.log_every == 0 or done == t.max_steps or done == start_step + 1:
+                if done % t.log_every == 0 or final or done == start_step + 1:
                     last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take())
+            bar.total = expected_total(done, fraction, t.max_steps)
             bar.update(1)
 
-            final = done == t.max_steps
             if final or every(done, t.eval_every):
                 if eval_set is not None:
                     last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen))
@@ -506,7 +544,9 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
                 write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
             if final or every(done, t.save_every):
-                save_checkpoint(s, run, done, tokens_seen)
+                save_checkpoint(s, run, done, tokens_seen, clock.elapsed())
+            if final:
+                break
     finally:
         bar.close()
     if metrics:

@@ -4,6 +4,7 @@ schedules, and the non-finite guard."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -288,3 +289,51 @@ def test_log_every_zero_is_refused_before_training():
 
     with pytest.raises(UserError, match="train.log_every must be positive"):
         load_config("demo-cpu", ["train.log_every=0"])
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from babyllama.model.llama import Llama
+    from babyllama.train.trainer import MuonAdamW, build_optimizer
+
+    cfg = load_config("demo-cpu", TINY_MODEL + ["train.optimizer=muon", "model.tie_word_embeddings=false"])
+    model = Llama(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon and all(".layers." in n and n.endswith("proj.weight") for n in muon)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= adamw and not muon & adamw
+    assert muon | adamw == set(names.values())
+
+
+def test_muon_trains_and_resumes_to_the_uninterrupted_weights(tiny_data, tmp_path, monkeypatch):
+    import babyllama.train.batches as batches
+    from babyllama.train.pretrain import run_pretrain
+
+    def run(out, resume=False):
+        cfg = load_config("demo-cpu", TINY_MODEL + TINY_TRAIN + ["train.max_steps=8", "train.save_every=4",
+                                                                 "train.optimizer=muon"])
+        cfg.data, cfg.out_dir = str(tiny_data), str(out)
+        run_pretrain(cfg, resume=resume)
+
+    run(tmp_path / "straight")
+    fetch = batches.PretrainBatches.get
+
+    def crash_at_step_5(self, step, micro, device):
+        if step == 5:
+            raise KeyboardInterrupt
+        return fetch(self, step, micro, device)
+
+    monkeypatch.setattr(batches.PretrainBatches, "get", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "halves")
+    monkeypatch.setattr(batches.PretrainBatches, "get", fetch)
+    run(tmp_path / "halves", resume=True)
+    records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "halves" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

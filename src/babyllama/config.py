@@ -31,7 +31,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 
 
 @dataclass
@@ -52,7 +52,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes' 8-bit AdamW states)
+    optimizer: str = "adamw"        # adamw | adamw8bit (bitsandbytes' 8-bit AdamW states) | muon
+                                    # (Muon for the hidden weight matrices, AdamW for the rest)
     grad_clip: float = 1.0          # 0 disables clipping
     precision: str = "auto"         # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False

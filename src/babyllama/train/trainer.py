@@ -132,9 +132,10 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None):
     """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) over the trainable parameters,
-    or bitsandbytes' 8-bit AdamW. `lr_scale(name) -> float`: a parameter's learning rate as a
+    bitsandbytes' 8-bit AdamW, or Muon for the hidden layers' weight matrices with AdamW for
+    the rest (`MuonAdamW`). `lr_scale(name) -> float`: a parameter's learning rate as a
     multiple of the schedule's (an image-text model's parts train at different rates); each
     group keeps its multiple as "lr_scale". Raises UserError if adamw8bit is asked for without
     bitsandbytes installed."""
@@ -143,9 +144,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None) -> 
     # Two groups (decay, no decay) per learning-rate multiple, even when one is empty: the
     # optimizer state of a resumed run must find the same groups.
     by_scale: dict[float, tuple[list, list]] = {}
+    muon_params: dict[float, list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            decay, no_decay = by_scale.setdefault(lr_scale(name) if lr_scale else 1.0, ([], []))
+        if not p.requires_grad:
+            continue
+        scale = lr_scale(name) if lr_scale else 1.0
+        decay, no_decay = by_scale.setdefault(scale, ([], []))
+        if cfg.optimizer == "muon" and is_hidden_matrix(name, p):
+            muon_params.setdefault(scale, []).append(p)
+        else:
             (decay if p.dim() >= 2 else no_decay).append(p)
     by_scale = by_scale or {1.0: ([], [])}
     groups = [{"params": params, "weight_decay": wd, "lr_scale": scale}
@@ -159,7 +166,56 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None) -> 
             raise UserError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'babyllama[bnb]'") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, fused=on_cuda or None, **kwargs)
+    adamw = torch.optim.AdamW(groups, fused=on_cuda or None, **kwargs)
+    if cfg.optimizer != "muon":
+        return adamw
+    # One group per learning-rate multiple, even when empty, for the same reason as above.
+    muon_groups = [{"params": muon_params.get(scale, []), "weight_decay": cfg.weight_decay, "lr_scale": scale}
+                   for scale in sorted(by_scale)]
+    # match_rms_adamw (Liu et al. 2025, "Muon is Scalable for LLM Training") scales each
+    # update to AdamW's RMS, so train.lr and weight_decay tuned for AdamW carry over.
+    muon = torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
+
+
+def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """A 2-D weight inside the transformer layers: Muon's share. Embeddings and the output
+    head stay with AdamW, as in Jordan et al.'s Muon (their gradients are sparse rows and
+    a classifier, not hidden transforms)."""
+    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+class MuonAdamW:
+    """Muon (Jordan et al. 2024, torch.optim.Muon: momentum orthogonalised by Newton-Schulz)
+    on the hidden weight matrices and AdamW on everything else, driven as one optimizer:
+    `param_groups` lists both optimizers' groups (the loop sets their learning rates), and the
+    state dict holds both (resume)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read each time: load_state_dict replaces an optimizer's group dicts with new ones.
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise UserError("the resume state holds another optimizer's state than train.optimizer=muon")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 @torch.no_grad()
@@ -350,11 +406,12 @@ class TokenRate:
 
 
 def log_step(metrics: MetricsLog | None, bar, done: int, tokens_seen: int, result: StepResult,
-             lr: float, tok_per_s: float) -> dict:
+             lr: float, tok_per_s: float, elapsed_s: float) -> dict:
     """Write the step's training record (main process) and show it on the progress bar;
-    returns the record."""
+    returns the record. `elapsed_s`: seconds of training so far (resumes included)."""
     record = {"step": done, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
-              "grad_norm": result.grad_norm, "tok_per_s": tok_per_s, **(result.stats or {})}
+              "grad_norm": result.grad_norm, "tok_per_s": tok_per_s, "elapsed_s": round(elapsed_s, 2),
+              **(result.stats or {})}
     if metrics:
         metrics.write(record)
     bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
@@ -375,12 +432,13 @@ def log_skipped_step(metrics: MetricsLog | None, bar, done: int, tokens_seen: in
 
 
 def evaluate_and_log(s: TrainSetup, eval_set: EvalSet, run: Run, metrics: MetricsLog | None,
-                     bar, done: int, tokens_seen: int) -> dict:
-    """`evaluate` on every rank; the main process logs the numbers and redraws the loss plot.
-    Returns the numbers ({} when the eval set has no target)."""
+                     bar, done: int, tokens_seen: int, elapsed_s: float) -> dict:
+    """`evaluate` on every rank; the main process logs the numbers (with the training seconds
+    before the evaluation) and redraws the loss plot. Returns the numbers ({} when the eval
+    set has no target)."""
     result = evaluate(s.model, eval_set, s.device, s.precision, s.info)
     if result and metrics:
-        metrics.write({"step": done, "tokens": tokens_seen, **result})
+        metrics.write({"step": done, "tokens": tokens_seen, "elapsed_s": round(elapsed_s, 2), **result})
         if "val_ppl" in result:
             line = (f"val loss {result['val_loss']:.3f}  ppl {result['val_ppl']:.1f}"
                     f"  acc {result['val_acc']:.1%}  bpc {result['val_bpc']:.3f}")
@@ -532,13 +590,13 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             else:
                 bad_in_a_row = 0
                 if done % t.log_every == 0 or final or done == start_step + 1:
-                    last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take())
+                    last = log_step(metrics, bar, done, tokens_seen, result, lr, rate.take(), elapsed)
             bar.total = expected_total(done, fraction, t.max_steps)
             bar.update(1)
 
             if final or every(done, t.eval_every):
                 if eval_set is not None:
-                    last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen))
+                    last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen, elapsed))
                 if tasks:
                     last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
             if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):

@@ -175,6 +175,20 @@ def val_score(seed: int, index: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
+def split_documents(sources, *, val_fraction: float, seed: int = 0, text_field: str = "text",
+                    skip_bad: bool = False) -> Iterator[tuple[str, str]]:
+    """("train" | "val", document text) for each document of `sources`, split exactly as
+    `prepare` splits them with the same `val_fraction` and `seed`: a tokenizer trained on the
+    "train" documents never saw the validation text, and a model of another tokenizer (a
+    character-level baseline) is scored on the same validation documents."""
+    holdback = _ValHoldback(val_fraction)
+    n_docs = 0
+    for text in iter_sources(sources, text_field=text_field, skip_bad=skip_bad):
+        yield from holdback.route(val_score(seed, n_docs), text)
+        n_docs += 1
+    yield from holdback.finish(n_docs)
+
+
 class _ValHoldback:
     """Routes documents to train/val, guaranteeing a val document when there are >= 2 documents.
 

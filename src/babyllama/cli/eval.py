@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
 
     ev = subparsers.add_parser("eval", help="score a run: lm (perplexity, bits/char), rouge, choice "
                                             "(C-Eval/CMMLU), generation (distinct-n, loop rate), math "
-                                            "(final-answer accuracy, pass@k), vqa (answers about images)",
+                                            "(final-answer accuracy, pass@k), vqa (answers about images), "
+                                            "sentiment (好评/差评 accuracy, polarity of written reviews)",
                                description="Evaluate a run directory (base, SFT or LoRA) on one task; the "
                                            "table is printed and written to RUN/eval/NAME.md and .json.")
     ev.add_argument("run", help="a run directory (or a transformers Llama directory)")
@@ -23,7 +24,7 @@ def add_parser(subparsers) -> None:
                          "choice: a C-Eval/CMMLU folder or jsonl; generation: prompts (txt/jsonl); "
                          "math: problems with answers (jsonl: Ape210K, GSM8K, {question, answer}) or "
                          "builtin:arith-zh#test; vqa: LLaVA-style .json/.jsonl conversations about "
-                         "images or builtin:shapes-zh#test")
+                         "images or builtin:shapes-zh#test; sentiment: builtin:reviews-zh#test")
     ev.add_argument("--limit", type=int, default=None,
                     help="quick run: first N documents / examples / prompts (choice: per subject)")
     ev.add_argument("--batch-size", type=int, default=None, help="prompts or rows per batch "
@@ -43,7 +44,8 @@ def add_parser(subparsers) -> None:
                                        "math: with {question}")
     ev.add_argument("--k", type=int, default=1, help="math: pass@k (k > 1 needs sampling: --temperature)")
     ev.add_argument("--samples", type=int, default=None,
-                    help="math: answers sampled per problem for pass@k (default k)")
+                    help="math: answers sampled per problem for pass@k (default k); sentiment: reviews "
+                         "written per topic and polarity (default 4)")
     ev.add_argument("--rouge-level", default="char", choices=["char", "word"],
                     help="rouge: characters, or jieba words")
     ev.add_argument("--source-field", help="rouge: field/column of the text to summarize")
@@ -83,6 +85,9 @@ def eval_options(args, chat: bool):
             spec.update(k=args.k, samples=args.samples)
             if args.template:
                 spec["template"] = args.template.replace("\\n", "\n")
+        elif args.task == "sentiment":  # the decoding flags set the written reviews' sampling
+            if args.samples is not None:
+                spec["writes_per_prompt"] = args.samples
         else:
             spec.update(prompt_field=args.prompt_field)
     return task_options(spec, "command line", chat=chat)  # (lm has no chat setting)

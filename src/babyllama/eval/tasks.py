@@ -7,6 +7,7 @@ periodic `train.eval_tasks` (a list of mappings: `{task: choice, data: DIR, limi
     generation  distinct-n, rep-4 and loop rate of generated answers           (eval/generation.py)
     math        final-answer accuracy (pass@k) on math word problems           (eval/math.py)
     vqa         exact-match answers to questions about images, per question type (eval/vqa.py)
+    sentiment   好评/差评 accuracy on held-out reviews, polarity of written ones (eval/sentiment.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from babyllama.eval.lm import LMOptions, run_lm
 from babyllama.eval.math import MathOptions, run_math
 from babyllama.eval.report import EvalResult
 from babyllama.eval.rouge import RougeOptions, run_rouge
+from babyllama.eval.sentiment import SentimentOptions, run_sentiment
 from babyllama.eval.vqa import VQAOptions, run_vqa
 from babyllama.infer.config import generation_config
 
@@ -34,6 +36,7 @@ REGISTRY = {
     "generation": (GenerationOptions, run_generation),
     "math": (MathOptions, run_math),
     "vqa": (VQAOptions, run_vqa),
+    "sentiment": (SentimentOptions, run_sentiment),
 }
 TASKS = tuple(REGISTRY)
 

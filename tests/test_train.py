@@ -307,6 +307,22 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert muon | adamw == set(names.values())
 
 
+def test_muon_leaves_lora_adapters_to_adamw():
+    pytest.importorskip("peft")
+    from babyllama.config import LoraConfig
+    from babyllama.lora import apply_lora
+    from babyllama.model.llama import Llama
+    from babyllama.train.trainer import build_optimizer
+
+    cfg = load_config("demo-cpu", TINY_MODEL + ["train.optimizer=muon"])
+    model = apply_lora(Llama(cfg.model), LoraConfig(r=4, alpha=8))
+    opt = build_optimizer(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert not any(g["params"] for g in opt.muon.param_groups)
+    assert adamw and all("lora_" in n for n in adamw)
+
+
 def test_muon_trains_and_resumes_to_the_uninterrupted_weights(tiny_data, tmp_path, monkeypatch):
     import babyllama.train.batches as batches
     from babyllama.train.pretrain import run_pretrain

@@ -182,8 +182,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr_scale=None):
 def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
     """A 2-D weight inside the transformer layers: Muon's share. Embeddings and the output
     head stay with AdamW, as in Jordan et al.'s Muon (their gradients are sparse rows and
-    a classifier, not hidden transforms)."""
-    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
+    a classifier, not hidden transforms). LoRA's factors stay with AdamW too: B starts at zero
+    and an orthogonalised update has the same size whatever the gradient's, so Muon would
+    move the adapter as far on its first step as on any other (LoRA trains with Adam, Hu et
+    al. 2021)."""
+    return p.dim() == 2 and not any(part in name for part in ("embed_tokens", "lm_head", "lora_"))
 
 
 class MuonAdamW:

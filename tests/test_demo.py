@@ -18,8 +18,10 @@ def test_demo_runs_every_stage_and_prints_samples(tmp_path):
     result = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "6"], env=cli_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("1/5 tokenizer", "2/5 prepare", "3/5 pretrain", "4/5 sft", "5/5 chat"):
+    for stage in ("1/6 tokenizer", "2/6 prepare", "3/6 pretrain", "4/6 sft", "5/6 skill check", "6/6 chat"):
         assert stage in result.stdout
+    for row in ("classification", "written reviews", "judge"):
+        assert f"| {row}" in result.stdout, row
     samples = [l for l in result.stdout.splitlines() if l.startswith(("中国|", "今天|", "这个手机|"))]
     assert len(samples) >= 3
     assert result.stdout.count("你> ") == 3 and result.stdout.count("助手> ") == 3
@@ -44,3 +46,29 @@ def test_demo_config_on_a_gpu_is_bigger_and_valid():
     check(gpu)
     assert gpu.model.hidden_size > cpu.model.hidden_size
     assert gpu.train.seq_len <= gpu.model.max_position_embeddings
+
+
+def test_demo_help_states_the_budget_the_demo_uses():
+    # The CLI cannot import babyllama.demo for its help (that imports torch), so the default
+    # is written twice; this keeps the two in step.
+    from fractions import Fraction
+
+    from babyllama.cli import build_parser
+    from babyllama.demo import MINUTES, PRETRAIN_SHARE
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    text = " ".join(demo.format_help().split())
+    share = Fraction(PRETRAIN_SHARE).limit_denominator(10)
+    rest = 1 - share
+    assert f"default {MINUTES:g}" in text
+    assert f"pretraining ({share.numerator}/{share.denominator})" in text
+    assert f"SFT ({rest.numerator}/{rest.denominator})" in text
+
+
+def test_demo_minutes_must_be_positive(capsys):
+    from babyllama.cli import main
+
+    for bad in ("0", "-3", "nan", "inf"):
+        assert main(["demo", "-o", "unused", "--minutes", bad]) != 0
+        err = capsys.readouterr().err
+        assert "--minutes must be a positive number" in err and "Traceback" not in err

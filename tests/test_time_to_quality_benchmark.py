@@ -4,6 +4,7 @@ hundred documents, so that the script behind the README's time-to-quality table 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -31,3 +32,14 @@ def test_time_to_quality_dry_run_scores_both_models_on_the_same_documents(tmp_pa
         assert r["seconds"] < 60  # the dry run's 6-second budget ended the training
     assert "ours / baseline bits per character" in result.stdout
     assert "| babyllama demo-preset |" in result.stdout
+
+
+def test_curve_is_read_between_the_evaluations_around_each_mark():
+    spec = importlib.util.spec_from_file_location("time_to_quality", REPO / "benchmarks" / "time_to_quality.py")
+    ttq = importlib.util.module_from_spec(spec)
+    sys.modules["time_to_quality"] = ttq  # dataclasses look their module up there
+    spec.loader.exec_module(ttq)
+    curve = [(71.0, 6.6), (142.0, 6.2), (600.0, 5.4)]
+    assert ttq.at_minutes(curve, 2) == pytest.approx(6.6 - 0.4 * 49 / 71)  # not the 71 s evaluation
+    assert ttq.at_minutes(curve, 10) == pytest.approx(5.4)
+    assert ttq.at_minutes(curve, 1) is None and ttq.at_minutes(curve, 11) is None

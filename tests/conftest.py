@@ -226,3 +226,19 @@ class Served:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def interrupt_pretraining_at(monkeypatch, step: int):
+    """Make pretraining raise KeyboardInterrupt (Ctrl-C) when it fetches the batch of `step`;
+    returns a function that undoes it, for the resumed run."""
+    import babyllama.train.batches as batches
+
+    fetch = batches.PretrainBatches.get
+
+    def interrupted(self, at, micro, device):
+        if at == step:
+            raise KeyboardInterrupt
+        return fetch(self, at, micro, device)
+
+    monkeypatch.setattr(batches.PretrainBatches, "get", interrupted)
+    return lambda: monkeypatch.setattr(batches.PretrainBatches, "get", fetch)

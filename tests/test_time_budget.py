@@ -15,7 +15,7 @@ from babyllama.errors import UserError
 from babyllama.train.schedule import lr_at
 from babyllama.train.trainer import expected_total
 
-from conftest import TINY_MODEL, TINY_TRAIN
+from conftest import TINY_MODEL, TINY_TRAIN, interrupt_pretraining_at
 
 SECONDS_PER_STEP = 6.0  # with max_minutes=1: ten steps
 
@@ -95,23 +95,15 @@ def test_training_stops_when_the_time_budget_is_spent(tiny_data, tmp_path, fake_
 
 
 def test_a_resumed_run_keeps_the_time_already_spent(tiny_data, tmp_path, fake_clock, monkeypatch):
-    import babyllama.train.batches as batches
     from babyllama.train.pretrain import run_pretrain
 
-    fetch = batches.PretrainBatches.get
-
-    def crash_at_step_7(self, step, micro, device):
-        if step == 7:
-            raise KeyboardInterrupt
-        return fetch(self, step, micro, device)
-
-    monkeypatch.setattr(batches.PretrainBatches, "get", crash_at_step_7)
+    restore = interrupt_pretraining_at(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(budget_config(tiny_data, tmp_path / "run"))
     state = json.loads((tmp_path / "run" / "resume" / "trainer.json").read_text())
     assert state["step"] == 6 and state["elapsed_s"] == pytest.approx(36.0)  # saved every 3 steps
 
-    monkeypatch.setattr(batches.PretrainBatches, "get", fetch)
+    restore()
     fake_clock[0] += 3600  # time away from the run does not count
     run_pretrain(budget_config(tiny_data, tmp_path / "run"), resume=True)
     steps = [r for r in records(tmp_path / "run") if "loss" in r]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from babyllama.config import TrainConfig, load_config
 from babyllama.train.schedule import lr_at
 
-from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env
+from conftest import TINY_MODEL, TINY_TRAIN, babyllama_cmd, cli_env, interrupt_pretraining_at
 
 
 def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -324,7 +324,6 @@ def test_muon_leaves_lora_adapters_to_adamw():
 
 
 def test_muon_trains_and_resumes_to_the_uninterrupted_weights(tiny_data, tmp_path, monkeypatch):
-    import babyllama.train.batches as batches
     from babyllama.train.pretrain import run_pretrain
 
     def run(out, resume=False):
@@ -334,17 +333,10 @@ def test_muon_trains_and_resumes_to_the_uninterrupted_weights(tiny_data, tmp_pat
         run_pretrain(cfg, resume=resume)
 
     run(tmp_path / "straight")
-    fetch = batches.PretrainBatches.get
-
-    def crash_at_step_5(self, step, micro, device):
-        if step == 5:
-            raise KeyboardInterrupt
-        return fetch(self, step, micro, device)
-
-    monkeypatch.setattr(batches.PretrainBatches, "get", crash_at_step_5)
+    restore = interrupt_pretraining_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "halves")
-    monkeypatch.setattr(batches.PretrainBatches, "get", fetch)
+    restore()
     run(tmp_path / "halves", resume=True)
     records = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

@@ -94,7 +94,7 @@ def test_training_stops_when_the_time_budget_is_spent(tiny_data, tmp_path, fake_
     assert state["step"] == 10 and state["elapsed_s"] == pytest.approx(60.0)
 
 
-def test_a_resumed_run_keeps_the_time_already_spent(tiny_data, tmp_path, fake_clock, monkeypatch):
+def test_a_resumed_run_keeps_the_time_already_spent(tiny_data, tmp_path, fake_clock, monkeypatch, capsys):
     from babyllama.train.pretrain import run_pretrain
 
     restore = interrupt_pretraining_at(monkeypatch, 7)
@@ -111,8 +111,10 @@ def test_a_resumed_run_keeps_the_time_already_spent(tiny_data, tmp_path, fake_cl
         lr=3e-3, warmup_steps=2, max_steps=1000), 0.9))
 
     # Resuming a run whose time is spent trains nothing more.
+    capsys.readouterr()
     run_pretrain(budget_config(tiny_data, tmp_path / "run"), resume=True)
     assert [r for r in records(tmp_path / "run") if "loss" in r][-1]["step"] == 10
+    assert "time budget (train.max_minutes=1) is spent" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
@@ -121,3 +123,27 @@ def test_a_bad_time_budget_is_refused_before_training(value):
 
     with pytest.raises(UserError, match="train.max_minutes"):
         check(load_config("demo-cpu", [f"train.max_minutes={value}"]))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+def test_a_step_cap_reached_before_the_time_still_ends_at_the_floor(schedule):
+    # SFT's epochs cap the steps of a time-budgeted run: whichever limit comes first sets the rate.
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=5, max_steps=30, schedule=schedule)
+    assert lr_at(29, cfg, 0.4) == pytest.approx(1e-4)
+    assert lr_at(15, cfg, 0.95) <= lr_at(15, cfg, 0.0)
+
+
+def test_a_budget_that_ends_inside_the_warmup_ends_at_the_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, max_steps=10**6)
+    assert lr_at(49, cfg, 1.0) <= 1e-4
+    assert lr_at(49, cfg, 0.0) == pytest.approx(5e-4)  # the warmup itself is unchanged
+
+
+def test_a_new_run_takes_a_step_however_small_its_budget(tiny_data, tmp_path, fake_clock):
+    from babyllama.train.pretrain import run_pretrain
+
+    cfg = budget_config(tiny_data, tmp_path / "run")
+    cfg.train.max_minutes = 1e-9
+    run_pretrain(cfg)
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1]
+    assert (tmp_path / "run" / "model.safetensors").exists()

@@ -573,8 +573,13 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     try:
         for step in range(start_step, t.max_steps):
             fraction = clock.fraction(elapsed)
-            if fraction is not None and fraction >= 1:
-                break  # resumed after the time ran out: the final actions were done then
+            if fraction is not None and fraction >= 1 and step > 0:
+                # Resumed after the time ran out: the final actions were done then. (A new run
+                # takes at least one step, so however small the budget it ends with a model.)
+                if info.is_main:
+                    print(f"note: {run.path}: its time budget (train.max_minutes={t.max_minutes:g}) is spent, "
+                          "so there is nothing to resume; the budget cannot change on resume", file=sys.stderr)
+                break
             lr = lr_at(step, t, fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -55,6 +55,7 @@ from babyllama.config import TrainConfig, apply_values, check, parse_overrides
 from babyllama.data.shards import META_FILE, prepare, split_documents
 from babyllama.demo import CORPORA, VAL_FRACTION, demo_config
 from babyllama.eval.lm import LMOptions, run_lm, window_requests
+from babyllama.errors import UserError
 from babyllama.llm import load
 from babyllama.model.llama import Llama
 from babyllama.tokenizer import train_tokenizer
@@ -309,7 +310,7 @@ def table(results: list[dict], minutes: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="working directory (data, our run, results.json); required to train")
-    ap.add_argument("--minutes", type=float, default=10.0, help="wall time of each training")
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall time of each training (default 10)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="change the demo preset (repeatable), e.g. model.hidden_size=192")
     ap.add_argument("--only", choices=["ours", "baseline"], help="train one side only")
@@ -318,20 +319,43 @@ def main() -> None:
     ap.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="print the table of an earlier run's results")
     args = ap.parse_args()
     if args.report:
-        results = json.loads(args.report.read_text(encoding="utf-8"))
+        results = read_results(args.report, ap)
         print(table(results, round(max(r["seconds"] for r in results) / 60, 1)))
         print_ratio(results)
         return
     if args.out is None:
         ap.error("--out DIR is required (or --report RESULTS_JSON)")
-    torch.set_num_threads(torch.get_num_threads())
+    if not 0 < args.minutes < math.inf:
+        ap.error(f"--minutes must be a positive number, got {args.minutes:g}")
+    try:
+        run(args)
+    except UserError as e:  # a bad --set, or data that cannot be read: one line, as the CLI
+        raise SystemExit(f"error: {e}") from None
+
+
+def read_results(path: Path, ap: argparse.ArgumentParser) -> list[dict]:
+    """The results list an earlier run wrote (results-*.json); a parser error when it is not one."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        ap.error(f"--report {path}: cannot read it ({e.strerror or e})")
+    except json.JSONDecodeError as e:
+        ap.error(f"--report {path}: line {e.lineno}: not JSON ({e.msg})")
+    keys = {"name", "params", "steps", "seconds", "bpc", "curve", "tokens_seen", "chars_seen"}
+    if not (isinstance(results, list) and results and all(isinstance(r, dict) and keys <= set(r) for r in results)):
+        ap.error(f"--report {path}: not a results file of this benchmark (a list of results with {sorted(keys)})")
+    return results
+
+
+def run(args) -> None:
+    threads = torch.get_num_threads()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         args.minutes = min(args.minutes, 0.1)
     corpus = documents(args.out, args.dry_run)
     print(f"{len(corpus.train):,} train documents ({sum(map(len, corpus.train)):,} characters), "
           f"{len(corpus.val):,} validation documents ({sum(map(len, corpus.val)):,} characters); "
-          f"{args.minutes:g} minutes each, {torch.get_num_threads()} threads", flush=True)
+          f"{args.minutes:g} minutes each, {threads} thread{'s' if threads != 1 else ''}", flush=True)
     results = []
     if args.only != "baseline":
         results.append(run_ours(args.out, args.name, args.minutes, args.overrides, corpus, args.minutes * 6))

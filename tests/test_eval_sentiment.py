@@ -66,6 +66,8 @@ def test_options_take_the_chat_decoding_for_written_reviews_and_check_in_one_lin
     assert SentimentOptions().generation == decoding_defaults("chat") and SentimentOptions().data.endswith("#test")
     for spec, needle in [({"data": "reviews.jsonl"}, "not builtin:reviews-zh"),
                          ({"data": "builtin:reviews-zh#dev"}, "no split 'dev'"),
+                         ({"data": "builtin:reviews-zh"}, "name the split to score"),
+                         ({"data": "builtin:reviews-zh#"}, "name the split to score"),
                          ({"topics": ["手机"]}, r"unknown topic\(s\) 手机"),
                          ({"generation": {"temperature": 0}}, "need sampling"),
                          ({"limit": 0}, "--limit must be at least 1")]:
@@ -114,6 +116,7 @@ def test_the_task_runs_end_to_end_on_held_out_reviews(tiny_model, tiny_tokenizer
     assert m["judge_agreement"] == pytest.approx(sum(judge_right) / 3)
     assert [e["expected"] for e in written] == ["好评", "好评", "差评", "差评"]
     assert m["polarity_accuracy"] == pytest.approx(sum(e["correct"] for e in written) / 4)
+    assert m["written_empty"] == pytest.approx(sum(not e["answer"].strip() for e in written) / 4)
     answers = [e["answer"] for e in result.examples]
     assert m["loop_rate"] == pytest.approx(sum(find_loop(a) is not None for a in answers) / 7)
     assert 0 <= m["copied"] <= 1 and m["skipped"] == 0

@@ -75,6 +75,11 @@ class SentimentOptions:
         """Every option problem, before the model loads or the data is read."""
         if isinstance(self.data, str):
             reviews_zh_split(self.data)  # another source or split: an error before the model loads
+            if not self.data.partition("#")[2]:
+                # As a source the bare name means the training split (what SFT reads); scoring
+                # that by accident would report remembered answers as a skill.
+                raise UserError(f"{self.data}: name the split to score: builtin:reviews-zh#test (held out "
+                                f"of pretraining and SFT), #val or #train")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be at least 1, got {self.limit}")
         if self.batch_size < 1:
@@ -239,6 +244,8 @@ def run_sentiment(model, tokenizer, opts: SentimentOptions) -> EvalResult:
         "polarity_accuracy": polarity["accuracy"],
         "polarity_positive": polarity["accuracy_positive"],
         "polarity_negative": polarity["accuracy_negative"],
+        # Empty answers: the judge cannot score them and they count as wrong.
+        "written_empty": sum(s is None for s in write_scores) / len(write_scores) if write_scores else None,
         "copied": sum(copied) / len(copied) if copied else None,
         "judge_agreement": agreement["accuracy"],
         "loop_rate": sum(u is not None for u in all_loops) / len(all_loops),
@@ -252,7 +259,8 @@ def run_sentiment(model, tokenizer, opts: SentimentOptions) -> EvalResult:
          "loop rate": _share(loops_c)},
         {"part": "written reviews, judged (sampled)", "n": len(texts), "accuracy": polarity["accuracy"],
          "好评": polarity["accuracy_positive"], "差评": polarity["accuracy_negative"],
-         "baseline": polarity["majority_rate"], "loop rate": _share(loops_w)},
+         "baseline": polarity["majority_rate"], "unparsed": metrics["written_empty"],
+         "loop rate": _share(loops_w)},
         {"part": "judge on the held-out reviews", "n": len(reviews), "accuracy": agreement["accuracy"],
          "好评": agreement["accuracy_positive"], "差评": agreement["accuracy_negative"],
          "baseline": agreement["majority_rate"]},

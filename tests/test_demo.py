@@ -29,11 +29,12 @@ def test_demo_runs_every_stage_and_prints_samples(tmp_path):
     run = out / "pretrain"
     for name in ("model.safetensors", "loss.png", "metrics.jsonl", "samples.txt", "config.yaml"):
         assert (run / name).exists(), name
-    # A second demo reuses every finished stage.
-    again = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "6"], env=cli_env(),
+    # A second demo reuses every finished stage, and says that the runs keep their budgets.
+    again = subprocess.run(babyllama_cmd() + ["demo", "-o", str(out), "--steps", "7"], env=cli_env(),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing") == 2 and "(resuming)" in again.stdout
+    assert again.stdout.count("it keeps that budget") == 2
 
 
 def test_demo_config_on_a_gpu_is_bigger_and_valid():
@@ -65,10 +66,14 @@ def test_demo_help_states_the_budget_the_demo_uses():
     assert f"SFT ({rest.numerator}/{rest.denominator})" in text
 
 
-def test_demo_minutes_must_be_positive(capsys):
+def test_demo_minutes_must_be_positive_and_out_a_folder(capsys, tmp_path):
     from babyllama.cli import main
 
     for bad in ("0", "-3", "nan", "inf"):
         assert main(["demo", "-o", "unused", "--minutes", bad]) != 0
         err = capsys.readouterr().err
         assert "--minutes must be a positive number" in err and "Traceback" not in err
+    a_file = tmp_path / "f.jsonl"
+    a_file.write_text("{}\n", encoding="utf-8")
+    assert main(["demo", "-o", str(a_file), "--steps", "1"]) != 0
+    assert "f.jsonl: not a folder" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def test_a_resumed_run_keeps_the_time_already_spent(tiny_data, tmp_path, fake_cl
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(budget_config(tiny_data, tmp_path / "run"))
     state = json.loads((tmp_path / "run" / "resume" / "trainer.json").read_text())
-    assert state["step"] == 6 and state["elapsed_s"] == pytest.approx(36.0)  # saved every 3 steps
+    assert state["step"] == 7 and state["elapsed_s"] == pytest.approx(42.0)  # saved at each tenth of the time
 
     restore()
     fake_clock[0] += 3600  # time away from the run does not count
@@ -147,3 +147,14 @@ def test_a_new_run_takes_a_step_however_small_its_budget(tiny_data, tmp_path, fa
     run_pretrain(cfg)
     assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_time_budget_checkpoints_at_each_tenth_of_it(tiny_data, tmp_path, fake_clock, monkeypatch):
+    # save_every far beyond the steps the time allows: Ctrl-C still loses at most a tenth.
+    from babyllama.train.pretrain import run_pretrain
+
+    interrupt_pretraining_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(budget_config(tiny_data, tmp_path / "run", "train.save_every=500"))
+    state = json.loads((tmp_path / "run" / "resume" / "trainer.json").read_text())
+    assert state["step"] == 5  # 6 s a step of a 60 s budget: every step ends a tenth

@@ -22,6 +22,7 @@ import torch
 from babyllama.config import copy_config, load_config, resume_config
 from babyllama.data.shards import META_FILE, TOKENIZER_DIR, TokenShards, prepare, split_documents
 from babyllama.device import pick_device
+from babyllama.errors import UserError
 from babyllama.eval.sentiment import SentimentOptions
 from babyllama.eval.tasks import run_task
 from babyllama.infer.config import DECODING_DEFAULTS
@@ -69,6 +70,8 @@ def run_demo(out: Path, minutes: float = MINUTES, steps: int = 0) -> None:
     """The demo in `out`. `minutes`: the training budget (pretraining + SFT); `steps` > 0 caps
     each training stage at that many steps (tests)."""
     t_start = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a folder (-o names the folder the demo writes its runs to)")
     device = pick_device()
     cfg = demo_config(out, device)
     tok_dir, data_dir, run_dir = out / "tokenizer", out / "data", out / "pretrain"
@@ -100,6 +103,7 @@ def run_demo(out: Path, minutes: float = MINUTES, steps: int = 0) -> None:
     resume = pretrain_run.resume_dir() is not None
     if resume:
         cfg = copy_config(resume_config(pretrain_run.config(), None, str(run_dir)), data=str(data_dir))
+        note_kept_budget(run_dir, cfg.train, minutes * PRETRAIN_SHARE, steps or MAX_STEPS)
     else:
         cfg.train.max_minutes = minutes * PRETRAIN_SHARE
         cfg.train.max_steps = steps or MAX_STEPS
@@ -148,10 +152,21 @@ def describe(settings: dict) -> str:
                      for k, v in settings.items() if k != "max_new_tokens")
 
 
+def note_kept_budget(run_dir: Path, saved, minutes: float, max_steps: int | None) -> None:
+    """Say so when a run the demo continues was started with another budget: a run keeps its
+    own (train.max_minutes cannot change on resume), so the new --minutes/--steps do not apply.
+    `max_steps` None: the step cap is not compared (SFT's comes from its epochs)."""
+    if abs(saved.max_minutes - minutes) > 1e-9 or (max_steps is not None and saved.max_steps != max_steps):
+        print(f"note: {run_dir} was started with {saved.max_minutes:g} minutes"
+              + (f" and at most {saved.max_steps} steps" if saved.max_steps < MAX_STEPS else "")
+              + "; it keeps that budget (for another --minutes or --steps, give the demo a new -o folder)")
+
+
 def run_demo_sft(base: Path, sft_dir: Path, minutes: float, steps: int = 0) -> None:
     sft_run = Run(sft_dir)
     if sft_run.resume_dir() is not None:
         print("(resuming)")
+        note_kept_budget(sft_dir, sft_run.config().train, minutes, steps or None)
         run_sft(resume_config(sft_run.config(), None, str(sft_dir)), resume=True)
         return
     # Epochs only cap the run (the time ends it), so the evaluation, checkpoint and sample

@@ -568,6 +568,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     rate = TokenRate()
     clock = TrainClock(t.max_minutes, spent_s, info, device)
     elapsed = clock.elapsed()
+    saved_tenths = math.floor(10 * (clock.fraction(elapsed) or 0))
 
     # The bar is closed however the loop ends, so an error is printed on a line of its own.
     try:
@@ -609,8 +610,12 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
                     last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
             if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
                 write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
-            if final or every(done, t.save_every):
+            # Under a time budget also at each tenth of it: a budget of a few minutes may end
+            # before save_every steps, and Ctrl-C must not cost the whole run.
+            tenths = math.floor(10 * fraction) if fraction is not None else 0
+            if final or every(done, t.save_every) or tenths > saved_tenths:
                 save_checkpoint(s, run, done, tokens_seen, clock.elapsed())
+                saved_tenths = tenths
             if final:
                 break
     finally:

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                                            "sft.mode=pad sft.replay_ratio=0.1.")
     sf.add_argument("--base", help="the pretrained run directory to start from")
     sf.add_argument("--data", nargs="+", metavar="FILE",
-                    help="conversation files (jsonl/json/csv/tsv/txt/yaml, or builtin:chatterbot-zh); "
+                    help="conversation files (jsonl/json/csv/tsv/txt/yaml), or builtin:chatterbot-zh, "
+                         "builtin:reviews-zh[#train|#val|#test] and the other built-in sets; "
                          "FILE@WEIGHT repeats (2) or subsamples (0.5) a file when mixing")
     sf.add_argument("--format", help="the schema of every file (default: detected per file)")
     sf.add_argument("--template", help="chat template: chatml (default), babyllama, phi2, "

@@ -39,7 +39,7 @@ PROMPTS = ["中国", "今天", "经济", "这个手机", "房间很"]
 # The chit-chat set is small (467 conversations): repeated so that it is not drowned by the
 # ~22k review conversations in the steps the time allows.
 SFT_SOURCES = ["builtin:chatterbot-zh@8", "builtin:reviews-zh#train"]
-MINUTES = 9.0          # pretraining + SFT; with install, tokenizer, data and checks ~13 minutes
+MINUTES = 9.0          # pretraining + SFT; with install, tokenizer, data and checks 10.2 minutes (README)
 PRETRAIN_SHARE = 0.75  # of the minutes; SFT gets the rest
 SKILL_CHECK_REVIEWS = 326  # all held-out reviews that fit (data/reviews.py)
 # The review exchanges it learnt are single-turn: asked to write after a classification in the

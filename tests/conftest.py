@@ -83,7 +83,8 @@ TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_h
               "model.max_position_embeddings=64"]
 # AdamW, not the demo preset's Muon: the learning rates and step counts of the tests' tiny runs
 # were chosen with it; Muon has tests of its own (test_train.py).
-TINY_TRAIN = ["train.optimizer=adamw", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2", "train.lr=3e-3",
+TINY_TRAIN = ["train.optimizer=adamw", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2",
+              "train.lr=3e-3",
               "train.eval_every=0", "train.sample_every=0", "train.eval_batches=2", "train.log_every=1",
               "train.sample_prompts=[]"]
 

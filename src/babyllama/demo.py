@@ -44,7 +44,8 @@ PRETRAIN_SHARE = 0.75  # of the minutes; SFT gets the rest
 SKILL_CHECK_REVIEWS = 326  # all held-out reviews that fit (data/reviews.py)
 # The review exchanges it learnt are single-turn: asked to write after a classification in the
 # same session, it tends to classify again, so the request to write comes first.
-CONVERSATION = ["你好", "写一条关于房间的差评。", "帮我判断这条评论是好评还是差评：房间干净，服务也很热情，下次还来。"]
+CONVERSATION = ["你好", "写一条关于房间的差评。",
+                "帮我判断这条评论是好评还是差评：房间干净，服务也很热情，下次还来。"]
 MAX_STEPS = 10**7      # a cap only: the time budget ends each stage
 
 

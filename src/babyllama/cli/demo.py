@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
     de.add_argument("--minutes", type=float, default=None,
                     help="training time budget, shared by pretraining (3/4) and SFT (1/4); default 9. "
                          "The tokenizer, data preparation and checks come on top")
-    de.add_argument("--steps", type=int, default=0, help="cap each training stage at N steps (a quick check; 0, the default: no cap)")
+    de.add_argument("--steps", type=int, default=0,
+                    help="cap each training stage at N steps (a quick check; 0, the default: no cap)")
     de.set_defaults(func=cmd_demo)
 
 

@@ -36,7 +36,8 @@ def build_config(args):
             # the preset is accepted, but its settings are the run's already: say it is unread.
             flag = f"--preset {args.preset}" if args.preset else f"-c {args.config}"
             print(f"note: {flag} is not read when resuming: the run continues with "
-                  f"{Run(args.out).config_file} (train.max_steps=N makes a run without a time budget longer)", file=sys.stderr)
+                  f"{Run(args.out).config_file} (train.max_steps=N makes a run without a time budget "
+                  "longer)", file=sys.stderr)
         return copy_config(resume_config(args), **paths)
     values = parse_overrides(args.overrides)
     values.update(paths, out_dir=args.out)

@@ -36,11 +36,13 @@ from babyllama.config import CHAT_STAGES, VLM_STAGES, RunConfig, config_from_dic
 from babyllama.errors import UserError
 from babyllama.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_model, load_adapter,
                             merge_lora, save_adapter)
+from babyllama.model import families
+from babyllama.model.families import Family
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.model.reward import RewardModel
 from babyllama.model.vision import VisionConfig, load_siglip_state
 from babyllama.model.vlm import VisionLanguageModel
-from babyllama.model.weights import load_weights, read_weights, save_weights
+from babyllama.model.weights import load_state, load_weights, read_weights, save_weights
 from babyllama.textfile import read_json, read_json_object, read_text
 from babyllama.tokenizer import Tokenizer
 
@@ -59,26 +61,25 @@ HF_CONFIG = "config.json"  # a transformers directory
 # The files that hold a run's own weights (a LoRA run's are its adapter's).
 WEIGHT_FILES = (WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
-# transformers' LlamaConfig fields that map one to one onto ours.
-HF_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range")
+# Families whose tensors are laid out as transformers' Llama's (model/families.py): their
+# directories open as they are; the others are converted once by `babyllama import`.
+OPEN_AS_IS = ("llama", "mistral", "qwen2")
 
 
 def model_config_from_hf(path: Path) -> ModelConfig:
-    """Our ModelConfig from a transformers Llama `config.json`. Raises UserError for another
-    model type or a RoPE scaling we do not implement."""
-    d = read_json_object(path, HF_CONFIG)
-    if any(str(a).endswith("ForSequenceClassification") for a in d.get("architectures") or []):
-        raise UserError(f"{path}: a sequence classification (reward) model, not a language model")
-    if d.get("model_type") != "llama":
-        raise UserError(f"{path}: model_type is {d.get('model_type')!r}; only Llama checkpoints load")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if "rope_theta" not in d and "rope_theta" in rope:
-        d["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{path}: rope scaling {rope.get('rope_type')!r} is not supported")
-    return ModelConfig(**{k: d[k] for k in HF_CONFIG_KEYS if k in d})
+    """Our ModelConfig from a transformers `config.json` of a family that opens as it is
+    (OPEN_AS_IS). Raises UserError for a family that needs `babyllama import` first, and for
+    what our model cannot represent (model/families.py)."""
+    config, family = hf_model_config(path)
+    if family.model_type not in OPEN_AS_IS:
+        raise UserError(f"{path}: a {family.name} checkpoint (its tensors need converting): run "
+                        f"`babyllama import {path.parent} -o RUN` and use RUN")
+    return config
+
+
+def hf_model_config(path: Path) -> tuple[ModelConfig, Family]:
+    """Our ModelConfig and the family (model/families.py) of a transformers `config.json`."""
+    return families.model_config(read_json_object(path, HF_CONFIG), path)
 
 
 # transformers' SiglipVisionConfig fields that map one to one onto VisionConfig.
@@ -212,14 +213,20 @@ class Run:
     def refuse_nonempty(self) -> None:
         """Raise UserError if the directory exists with anything in it (a new whole run is
         written here, never mixed into another)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory; choose another -o")
         if self.path.exists() and any(self.path.iterdir()):
             raise UserError(f"{self.path}: exists and is not empty; choose another -o")
 
     def chats(self) -> bool:
-        """Whether prompts go through the chat template by default: a fine-tuned (SFT) run, or
-        a transformers directory whose tokenizer has a chat template."""
+        """Whether prompts go through the chat template by default: a fine-tuned (SFT) run, a
+        released model's run (imported) with a chat template, or a transformers directory
+        whose tokenizer has one."""
         if self.is_run():
-            return self.config().stage in CHAT_STAGES
+            if self.config().stage in CHAT_STAGES:
+                return True
+            tokenizer = self.load_tokenizer()
+            return tokenizer.fixed_vocab and tokenizer.chat_template is not None
         tok_cfg = self.path / "tokenizer_config.json"
         return tok_cfg.exists() and '"chat_template"' in read_text(tok_cfg)
 
@@ -241,7 +248,10 @@ class Run:
         if self.is_run():
             return self.config().model
         if self.is_transformers():
-            return model_config_from_hf(self.path / HF_CONFIG)
+            config = model_config_from_hf(self.path / HF_CONFIG)
+            # Embedding rows past the tokenizer are dropped at load (families.trim_vocabulary).
+            config.vocab_size = min(config.vocab_size, self.load_tokenizer().vocab_size)
+            return config
         raise UserError(f"{self.path}: not a run directory (no {CONFIG}) nor a transformers "
                         f"directory (no {HF_CONFIG})")
 
@@ -253,8 +263,16 @@ class Run:
         return Run(base) if base else None
 
     def load_tokenizer(self) -> Tokenizer:
-        """The run's tokenizer/, or the tokenizer files of a transformers directory."""
-        return Tokenizer.load(self.tokenizer_dir if self.tokenizer_dir.exists() else self.path)
+        """The run's tokenizer/, or the tokenizer files of a transformers directory (whose
+        vocabulary cannot grow: `Tokenizer.load`'s fixed_vocab)."""
+        if self.tokenizer_dir.exists():
+            return Tokenizer.load(self.tokenizer_dir)
+        tokenizer = Tokenizer.load(self.path, fixed_vocab=True)
+        n = read_json_object(self.path / HF_CONFIG, HF_CONFIG).get("vocab_size") if self.is_transformers() else None
+        if isinstance(n, int) and tokenizer.vocab_size > n:
+            raise UserError(f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                            f"only {n} embeddings")
+        return tokenizer
 
     def load_model(self, config: ModelConfig | None = None) -> Llama:
         """The run's model: `model.safetensors`, or a LoRA run's adapter folded into its base
@@ -265,7 +283,11 @@ class Run:
                             f"use `babyllama score {self.path} --data PAIRS`, or `babyllama grpo --reward rm:{self.path}`")
         if self.has_weights():
             model = self.new_model(config)
-            load_weights(model, self.weights_file)
+            if self.is_transformers():
+                state = families.trim_vocabulary(read_weights(self.weights_file), config.vocab_size)
+                load_state(model, state, self.weights_file)
+            else:
+                load_weights(model, self.weights_file)
             return model
         if self.has_adapter():
             base = self.base()
@@ -317,13 +339,25 @@ class Run:
 
     def write_plain_run(self, model: torch.nn.Module, tokenizer: Tokenizer, cfg: RunConfig) -> None:
         """A complete run of plain weights (merged from LoRA, imported): weights, tokenizer,
-        then config.yaml with LoRA turned off and out_dir pointing here."""
-        self.write_weights(model)
-        self.write_tokenizer(tokenizer)
-        plain = config_from_dict(cfg.to_dict(), "config")
-        plain.lora.enabled = plain.lora.qlora = False
-        plain.out_dir = str(self.path)
-        self.write_config(plain)
+        then config.yaml with LoRA turned off and out_dir pointing here. Written in a sibling
+        staging folder renamed into place, so a failure leaves no half-written run; the
+        destination must not exist or be empty (`refuse_nonempty`)."""
+        staging = self.path.with_name(f".{self.path.name}.partial")
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            part = Run(staging)
+            part.write_weights(model)
+            part.write_tokenizer(tokenizer)
+            plain = config_from_dict(cfg.to_dict(), "config")
+            plain.lora.enabled = plain.lora.qlora = False
+            plain.out_dir = str(self.path)
+            part.write_config(plain)
+            if self.path.is_dir():
+                self.path.rmdir()  # empty: refuse_nonempty let it through
+            os.replace(staging, self.path)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"{self.path}: cannot write the run ({e.strerror or e})") from None
 
     # -- resume state -----------------------------------------------------------------------
     def resume_dir(self) -> Path | None:

@@ -34,14 +34,25 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dropout: float = 0.0
     initializer_range: float = 0.02
+    # None: hidden_size / num_attention_heads. Set when a checkpoint's heads are narrower or
+    # wider than that (Qwen2.5-0.5B's are not, Gemma's and some Mistral fine-tunes' are).
+    head_dim: int | None = None
+    # Biases on the q, k and v projections (Qwen2's `attention_bias`; o_proj has none there).
+    qkv_bias: bool = False
+    # None: plain RoPE. Else one of the scalings of transformers' rope parameters that only
+    # change the frequencies (ROPE_SCALINGS): {"rope_type": "linear", "factor": 4.0}, or Llama
+    # 3.1/3.2's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}.
+    rope_scaling: dict | None = None
 
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def head_size(self) -> int:
+        """Each attention head's width: `head_dim`, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def problems(self) -> list[str]:
         """Every impossible value, as readable sentences (empty when the config is valid)."""
@@ -52,11 +63,15 @@ class ModelConfig:
                 out.append(f"model.{name} must be positive, got {getattr(self, name)}")
         if out:
             return out
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is not None:
+            if self.head_dim <= 0 or self.head_dim % 2:
+                out.append(f"model.head_dim must be positive and even for rotary embeddings, "
+                           f"got {self.head_dim}")
+        elif self.hidden_size % self.num_attention_heads:
             out.append(f"model.num_attention_heads ({self.num_attention_heads}) must divide "
                        f"model.hidden_size ({self.hidden_size})")
-        elif self.head_dim % 2:
-            out.append(f"head dimension hidden_size/num_attention_heads = {self.head_dim} must be "
+        elif self.head_size % 2:
+            out.append(f"head dimension hidden_size/num_attention_heads = {self.head_size} must be "
                        "even for rotary embeddings")
         if self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
             out.append(f"model.num_key_value_heads ({self.kv_heads}) must divide "
@@ -65,6 +80,10 @@ class ModelConfig:
             out.append(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
             out.append(f"model.rope_theta must be positive, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            out.append(f"model.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.rope_scaling is not None:
+            out += rope_scaling_problems(self.rope_scaling)
         return out
 
     def to_dict(self) -> dict:
@@ -86,8 +105,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_positions, head_dim), in fp32.
+# rope_type -> the parameters it needs (transformers' modeling_rope_utils names).
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling_problems(scaling) -> list[str]:
+    """What is wrong with a `model.rope_scaling` value, as sentences."""
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        return [f"model.rope_scaling must be null or have rope_type {' or '.join(ROPE_SCALINGS)}, got {scaling!r}"]
+    bad = [k for k in ROPE_SCALINGS[kind] if not isinstance(scaling.get(k), (int, float)) or scaling[k] <= 0]
+    if bad:
+        return [f"model.rope_scaling ({kind}) needs positive {', '.join(bad)}"]
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        return ["model.rope_scaling (llama3) needs high_freq_factor > low_freq_factor"]
+    return []
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The (head_dim / 2,) rotation frequencies, fp32: theta^(-2i/d), then scaled. "linear"
+    divides them all by the factor (positions interpolated, Chen et al. 2023); "llama3"
+    divides only the low frequencies (wavelengths beyond original_max_position_embeddings /
+    low_freq_factor) and interpolates between that and none up to / high_freq_factor, as
+    transformers' `_compute_llama3_parameters` (Meta's Llama 3.1 code) does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_positions, head_dim), in fp32, at the frequencies of
+    `rope_inv_freq`.
 
     The layout is transformers' Llama one ("rotate_half"): the first half of each head's dims
     pairs with the second half, not interleaved pairs as in the original Meta code. Matching it
@@ -97,7 +157,7 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.
     (-x2, x1) * (sin, sin), which is exactly (x2, x1) * (-sin, sin) = `x.roll(half) * signed_sin`,
     one op instead of four (chunk, neg, cat) on every decoding step.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     positions = torch.arange(max_positions, dtype=torch.int64).float()
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -126,7 +186,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (config.num_hidden_layers, batch_size, config.kv_heads, max_len,
-                 config.head_dim)
+                 config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # positions filled so far (the same for every layer)
@@ -193,12 +253,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.kv_heads
-        self.head_dim = config.head_dim
+        self.head_dim = config.head_size
         self.dropout = config.dropout
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        d, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
@@ -282,7 +342,8 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        cos, sin = rope_tables(config.head_size, config.max_position_embeddings, config.rope_theta,
+                               config.rope_scaling)
         # Not persistent: the state dict keeps exactly transformers' keys.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -297,6 +358,8 @@ class Llama(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,

@@ -60,7 +60,13 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -
     if getattr(model.config, "tie_word_embeddings", False):
         for key in TIED_HEADS:
             expected.discard(key)
-            state.pop(key, None)
+            head = state.pop(key, None)
+            embedding = state.get(key.replace("lm_head.weight", "model.embed_tokens.weight"))
+            if head is not None and embedding is not None and not torch.equal(head, embedding):
+                # transformers 5 would use this head and 4.x the embedding: no answer is exact.
+                raise UserError(f"{source}: the config ties the LM head to the embeddings "
+                                f"(tie_word_embeddings true) but the weights hold a different {key}; "
+                                "set tie_word_embeddings to false to use that head")
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise UserError(f"{source}: weights do not match the model config "

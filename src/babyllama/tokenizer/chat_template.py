@@ -365,6 +365,46 @@ def template_controls(tokenizer, source: str, text: str, messages: list[dict],
                    for i, j, n in blocks)]
 
 
+def answer_spans(tokenizer, source: str, text: str, messages: list[dict],
+                 document: str | None) -> list[tuple[int, int]]:
+    """The [start, end) character spans of the answers in `text` (the conversation rendered by
+    `source`, a template without `{% generation %}` blocks, as released models ship theirs):
+    each answer from the end of what the template renders before it with
+    `add_generation_prompt=True`, through its content and the token that ends the turn (EOS or
+    `<|im_end|>`, after optional whitespace) -- what a `{% generation %}` block would cover.
+    Raises UserError naming the answer when it cannot be found that way: the template renders
+    earlier turns differently once an answer follows (it rewrites history), changes the
+    answer's text, or ends the turn with no stop token."""
+    stops = stop_tokens(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        n = sum(m.get("role") == "assistant" for m in messages[:i]) + 1
+        prompt, _ = render(source, messages[:i], document=document, add_generation_prompt=True,
+                           special_tokens=tokenizer.special_tokens)
+        where = f"chat template (it has no {{% generation %}} block): answer {n}"
+        if not text.startswith(prompt):
+            raise UserError(f"{where}: the conversation before it renders differently once the answer "
+                            "follows, so the answer's tokens cannot be told apart (add a "
+                            "{% generation %} block around the answers)")
+        rest = text[len(prompt):]
+        content = message["content"]
+        lead = len(rest) - len(rest.lstrip())
+        if not rest[lead:].startswith(content):
+            raise UserError(f"{where}: the template does not write the answer as given right after "
+                            "its generation prompt (add a {% generation %} block around the answers)")
+        end = lead + len(content)
+        end += len(rest[end:]) - len(rest[end:].lstrip())
+        stop = next((t for t in stops if rest.startswith(t, end)), None)
+        if stop is None:
+            raise UserError(f"{where}: no {' or '.join(stops) or 'end-of-turn token'} ends it, so the "
+                            "model would never learn to stop (add a {% generation %} block around "
+                            "each answer and the token that ends it)")
+        spans.append((len(prompt), len(prompt) + end + len(stop)))
+    return spans
+
+
 def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
                 add_generation_prompt: bool = False, template: str | None = None) -> ChatEncoding:
     """Render and encode a conversation. `template`: anything `resolve_template` takes; None
@@ -376,11 +416,20 @@ def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
     text, char_spans = render(source, messages, document=document,
                               add_generation_prompt=add_generation_prompt,
                               special_tokens=tokenizer.special_tokens)
-    if not add_generation_prompt and not char_spans and any(
-            m.get("role") == "assistant" for m in messages):
-        raise UserError("chat template has no {% generation %} block around the assistant's "
-                        "answers, so nothing would be trained (use a preset: "
-                        f"{', '.join(TEMPLATES)}, or add the block)")
+    if not char_spans and any(m.get("role") == "assistant" for m in messages):
+        if _GENERATION_TAG.search(source):
+            if not add_generation_prompt:
+                raise UserError("chat template: its {% generation %} blocks cover none of the answers")
+        elif not add_generation_prompt:
+            char_spans = answer_spans(tokenizer, source, text, messages, document)
+        else:
+            # A prompt cuts its earlier answers where training did, so that it is token for
+            # token what the model was trained on; a template whose answers cannot be found
+            # (never trained here) is encoded whole.
+            try:
+                char_spans = answer_spans(tokenizer, source, text, messages, document)
+            except UserError:
+                char_spans = []
     # Encode segment by segment, cutting the text at every generation-block boundary, rather
     # than the whole text at once. Then no token straddles prompt and answer, and the text
     # before an answer -- exactly what `add_generation_prompt=True` renders for inference --
@@ -401,7 +450,20 @@ def encode_chat(tokenizer, messages: list[dict], *, document: str | None = None,
     for a, b in zip(cuts, cuts[1:]):
         inside = [(s - a, e - a) for s, e in controls if a <= s and e <= b]
         segments.append(tokenizer.split_controls(text[a:b], inside))
-    encoded = iter(tokenizer.encode_batch([p for seg in segments for p in seg if isinstance(p, str)]))
+    # A text piece that starts a segment right after text (a cut between prompt and answer,
+    # not a control token) continues that text: it is encoded without the dummy prefix a
+    # SentencePiece model puts at the start of every string (`encode_continued`), as it would
+    # be inside the whole text.
+    continued, after_text, n = set(), False, 0  # positions among the text pieces
+    for seg in segments:
+        if seg and isinstance(seg[0], str) and after_text:
+            continued.add(n)
+        n += sum(isinstance(p, str) for p in seg)
+        after_text = isinstance(seg[-1], str) if seg else after_text
+    pieces = [p for seg in segments for p in seg if isinstance(p, str)]
+    plain = iter(tokenizer.encode_batch([p for i, p in enumerate(pieces) if i not in continued]))
+    joined = iter(tokenizer.encode_continued([p for i, p in enumerate(pieces) if i in continued]))
+    encoded = iter([next(joined) if i in continued else next(plain) for i in range(len(pieces))])
     ids: list[int] = []
     mask: list[bool] = []
     spans: list[tuple[int, int]] = []
@@ -462,10 +524,15 @@ def _first_true(n: int, pred) -> int:
     return lo
 
 
+def stop_tokens(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokens that end an answer: EOS, ChatML's <|im_end|> when the vocabulary
+    has it, and a released model's other end tokens (`Tokenizer.end_tokens`: Llama 3's
+    <|eot_id|>)."""
+    candidates = (tokenizer.special_tokens["eos"], tokenizer.special_tokens.get("im_end", SPECIAL_TOKENS["im_end"]),
+                  *getattr(tokenizer, "end_tokens", ()))
+    return tuple(t for t in dict.fromkeys(candidates) if tokenizer.token_to_id(t) is not None)
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """Tokens that end an answer: EOS, plus ChatML's <|im_end|> when the vocabulary has it."""
-    ids = [tokenizer.eos_id]
-    im_end = tokenizer.special_tokens.get("im_end", SPECIAL_TOKENS["im_end"])
-    if (i := tokenizer.token_to_id(im_end)) is not None:
-        ids.append(i)
-    return tuple(dict.fromkeys(ids))
+    """The ids of `stop_tokens`, EOS first."""
+    return tuple(tokenizer.token_to_id(t) for t in stop_tokens(tokenizer))

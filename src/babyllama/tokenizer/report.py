@@ -45,7 +45,7 @@ def parameter_counts(config, vocab_size: int | None = None) -> dict[str, int]:
     is not worth allocating to count it). `vocab_size` replaces the config's."""
     c = config
     v = c.vocab_size if vocab_size is None else vocab_size
-    d, hd = c.hidden_size, c.head_dim
+    d, hd = c.hidden_size, c.head_size
     attention = d * c.num_attention_heads * hd * 2 + d * c.kv_heads * hd * 2  # q, o + k, v
     mlp = 3 * d * c.intermediate_size  # gate, up, down
     layers = c.num_hidden_layers * (attention + mlp + 2 * d)  # + two RMSNorm weights

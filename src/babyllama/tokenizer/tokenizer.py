@@ -51,6 +51,8 @@ SPECIAL_TOKENS: dict[str, str] = {
 HF_FILE = "tokenizer.json"
 SP_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
+# What `encode_continued` puts before a text to encode it as text that follows other text.
+_CONTINUE_AFTER = "\n"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # written by transformers
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer transformers keep the template here
 
@@ -203,10 +205,15 @@ class Tokenizer:
     """Text <-> ids, with special tokens addressed by role. See docs/CONTRACTS.md."""
 
     def __init__(self, backend, special_tokens: dict[str, str], chat_template: str | None = None,
-                 pretokenizer: str | None = None):
+                 pretokenizer: str | None = None, fixed_vocab: bool = False):
         """Use `Tokenizer.load` or `train_tokenizer`; this registers `special_tokens` (role ->
-        token string) on `backend`, appending the ones it lacks."""
+        token string) on `backend`, appending the ones it lacks. `fixed_vocab`: the tokenizer
+        of a released model, whose embedding table has no rows for new tokens (`load`)."""
         self._backend = backend
+        self.fixed_vocab = fixed_vocab
+        # Tokens besides EOS (and <|im_end|>) that end an answer: a released model's
+        # generation_config.json eos ids, as Llama 3's <|eot_id|> (set by `babyllama import`).
+        self.end_tokens: list[str] = []
         backend.register_special(list(dict.fromkeys(special_tokens.values())))
         self.special_tokens: dict[str, str] = dict(special_tokens)
         self.special_token_ids: dict[str, int] = {
@@ -214,6 +221,8 @@ class Tokenizer:
         }
         self.chat_template = chat_template
         self.pretokenizer = pretokenizer  # name used by train_tokenizer, None when loaded
+        self._prefix_ids: list[int] | None = None  # encode_continued's, computed on first use
+        self._adds_prefix = False
         # Text -> id of every control token: the roles' tokens and any other special token a
         # loaded tokenizer.json declares (Qwen's <|endoftext|>, ...). Longest first, so a
         # token that prefixes another cannot win.
@@ -288,6 +297,27 @@ class Tokenizer:
         return [self._wrap([i for p in ps for i in ([p] if isinstance(p, int) else next(plain))],
                            add_bos, add_eos) for ps in pieces]
 
+    def encode_continued(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text where it continues other text rather than starting one:
+        without the "▁" a SentencePiece model with a dummy prefix (Llama's, Baichuan's; also a
+        tokenizer.json whose normalizer prepends one) puts in front of every string it encodes.
+        `encode_chat` uses it where an answer follows its prompt's text. Each text is encoded
+        after a newline whose ids are then dropped (transformers' LlamaTokenizer does the same
+        with its unk token when legacy=False); a text whose ids do not split cleanly there, or
+        any text of a tokenizer that adds no such prefix, is encoded as `encode_batch` does."""
+        if not texts:
+            return []
+        if self._prefix_ids is None:
+            self._prefix_ids = self._backend.encode(_CONTINUE_AFTER)
+            probe = self._backend.encode(_CONTINUE_AFTER + "x")
+            self._adds_prefix = probe[len(self._prefix_ids):] != self._backend.encode("x")
+        if not self._adds_prefix:
+            return self._backend.encode_batch(texts)
+        head = self._prefix_ids
+        joined = self._backend.encode_batch([_CONTINUE_AFTER + t for t in texts])
+        return [ids[len(head):] if ids[:len(head)] == head else self._backend.encode(t)
+                for t, ids in zip(texts, joined)]
+
     def split_controls(self, text: str, spans: Iterable[tuple[int, int]] | None = None) -> list[str | int]:
         """`text` as a list of plain-text pieces (str) and control token ids (int).
 
@@ -338,6 +368,10 @@ class Tokenizer:
         cfg["chat_template"] = self.chat_template
         if self.pretokenizer:
             cfg["pretokenizer"] = self.pretokenizer
+        if self.fixed_vocab:
+            cfg["fixed_vocab"] = True
+        if self.end_tokens:
+            cfg["end_tokens"] = list(self.end_tokens)
         return cfg
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -350,10 +384,16 @@ class Tokenizer:
         return d
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike, fixed_vocab: bool = False) -> "Tokenizer":
         """Load a directory written by `save`, a directory holding tokenizer.json or
-        tokenizer.model (with optional transformers configs), or one of those files."""
-        return _load(Path(path))
+        tokenizer.model (with optional transformers configs), or one of those files.
+
+        `fixed_vocab` (also read back from a saved tokenizer_config.json): a released model's
+        tokenizer, whose vocabulary must not grow (its embeddings have no row for a new token).
+        Roles whose token it lacks are then left out rather than appended (`<|image|>`,
+        `<|reserved_0|>`, ...); a missing pad becomes the EOS token (what transformers users
+        pad with); a missing BOS or EOS is a UserError."""
+        return _load(Path(path), fixed_vocab)
 
 
 def sentencepiece_proto(tokenizer: Tokenizer):
@@ -371,7 +411,7 @@ def sentencepiece_proto(tokenizer: Tokenizer):
 # Loading
 
 
-def _load(path: Path) -> Tokenizer:
+def _load(path: Path, fixed_vocab: bool = False) -> Tokenizer:
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (expected a tokenizer directory, "
                         f"a {HF_FILE} or a SentencePiece .model file)")
@@ -390,13 +430,21 @@ def _load(path: Path) -> Tokenizer:
 
     backend = _open_hf(file) if file.suffix == ".json" else _open_sentencepiece(file)
     cfg = _read_configs(directory) if directory else {}
+    if directory and "bos_token" not in cfg and "special_tokens" not in cfg:
+        _model_bos(backend, cfg, directory)
     if cfg.get("kind") in ("hf-bpe", "sentencepiece") and cfg["kind"] != backend.kind:
         raise UserError(f"{directory / CONFIG_FILE}: says kind {cfg['kind']!r} "
                         f"but {file.name} is {backend.kind!r}")
     if backend.kind == "sentencepiece":
         _restore_appended(backend, cfg, directory)
-    tok = Tokenizer(backend, _resolve_special_tokens(backend, cfg),
-                    chat_template=cfg.get("chat_template"))
+    fixed_vocab = fixed_vocab or cfg.get("fixed_vocab") is True
+    tok = Tokenizer(backend, _resolve_special_tokens(backend, cfg, fixed_vocab, path),
+                    chat_template=cfg.get("chat_template"), fixed_vocab=fixed_vocab)
+    ends = cfg.get("end_tokens")
+    if not isinstance(ends, list) and fixed_vocab and directory is not None:
+        ends = _model_end_tokens(tok, directory)
+    tok.end_tokens = [t for t in ends if isinstance(t, str) and tok.token_to_id(t) is not None] \
+        if isinstance(ends, list) else []
     _check_saved_ids(tok, cfg, directory)
     return tok
 
@@ -443,15 +491,48 @@ def _read_configs(directory: Path) -> dict:
     if isinstance(template, list):  # transformers' named-templates form
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        # transformers 5 reads this file first when both are there: the same template here.
         template = read_text(directory / CHAT_TEMPLATE_FILE)
-    cfg["chat_template"] = template if isinstance(template, str) else None
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{directory / CONFIG_FILE}: chat_template is {type(template).__name__}, "
+                        "not the template's text")
+    cfg["chat_template"] = template
     return cfg
 
 
-def _resolve_special_tokens(backend, cfg: dict) -> dict[str, str]:
+def _model_bos(backend, cfg: dict, directory: Path) -> None:
+    """A released model's tokenizer_config.json may name no BOS (Qwen2's is null: its
+    documents are separated by <|endoftext|>); the model's config.json then says which token
+    starts a text (`bos_token_id`), and that one is used rather than appending our `<s>`,
+    a token the model never saw."""
+    model_config = directory / "config.json"
+    if not model_config.is_file():
+        return
+    bos_id = read_json_object(model_config, "config.json").get("bos_token_id")
+    if isinstance(bos_id, int) and 0 <= bos_id < backend.vocab_size and backend.id_to_token(bos_id):
+        cfg["bos_token"] = backend.id_to_token(bos_id)
+
+
+def _model_end_tokens(tok: "Tokenizer", directory: Path) -> list[str]:
+    """A released model's tokens besides EOS that end a turn: the other ids of its
+    generation_config.json's (or config.json's) `eos_token_id` list (Llama 3 Instruct:
+    <|eot_id|> beside <|end_of_text|>), which transformers' `generate` stops at."""
+    ids: list = []
+    for name in ("generation_config.json", "config.json"):
+        if (directory / name).is_file():
+            value = read_json_object(directory / name, name).get("eos_token_id")
+            ids += value if isinstance(value, list) else [value]
+    tokens = [tok.id_to_token(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)
+              and 0 <= i < tok.vocab_size]
+    return [t for t in dict.fromkeys(tokens) if t and t != tok.special_tokens.get("eos")]
+
+
+def _resolve_special_tokens(backend, cfg: dict, fixed_vocab: bool = False,
+                            source: Path | None = None) -> dict[str, str]:
     """Role -> token string. Priority: a SentencePiece model's own bos/eos/unk pieces, then
-    names from the config (ours or transformers'), then our defaults (appended if absent)."""
+    names from the config (ours or transformers'), then our defaults (appended if absent,
+    unless `fixed_vocab`: see `Tokenizer.load`)."""
     saved = cfg.get("special_tokens") if isinstance(cfg.get("special_tokens"), dict) else {}
     own = {}
     if backend.kind == "sentencepiece":
@@ -465,6 +546,13 @@ def _resolve_special_tokens(backend, cfg: dict) -> dict[str, str]:
                 or _token_name(cfg.get(f"{role}_token")) or SPECIAL_TOKENS.get(role))
         # A tokenizer without unk (byte-level BPE) gets none: nothing could ever produce it.
         if role == "unk" and backend.token_to_id(name) is None:
+            continue
+        if fixed_vocab and (not name or backend.token_to_id(name) is None):
+            if role in ("bos", "eos"):
+                raise UserError(f"{source}: the tokenizer has no {role.upper()} token ({name!r} is not in "
+                                f"its vocabulary); name one as {role}_token in tokenizer_config.json")
+            if role == "pad":
+                tokens["pad"] = tokens["eos"]
             continue
         if name:
             tokens[role] = name

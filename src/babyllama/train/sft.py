@@ -8,12 +8,13 @@ the assistant tokens, packed or padded batches, and optional replay of pretraini
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
-from babyllama.config import VLM_STAGES, RunConfig, check, derive_schedule, resolve_config
+from babyllama.config import VLM_STAGES, RunConfig, check, copy_config, derive_schedule, resolve_config
 from babyllama.data.conversations import iter_conversations
 from babyllama.data.readers import BadRecords
 from babyllama.data.sft import SFTBatches, build_examples, eval_batches, mix, split_validation
@@ -27,6 +28,7 @@ from babyllama.model.weights import load_weights
 from babyllama.run import Run
 from babyllama.tokenizer import Tokenizer
 from babyllama.tokenizer.chat_template import resolve_template
+from babyllama.tokenizer.tokenizer import SPECIAL_TOKENS
 from babyllama.train.distributed import cleanup, init_distributed
 from babyllama.train.trainer import EvalSet, train
 
@@ -164,16 +166,37 @@ def start_finetune(cfg: RunConfig, resume: bool) -> tuple[Run, Run]:
 
 
 def finetune_tokenizer(cfg: RunConfig, base: Run) -> Tokenizer:
-    """The base's tokenizer with the run's chat template: sft.template for SFT; for the stages
-    after it the base's own template (what its answers were trained in), unless sft.template
-    was given. Raises UserError when a later stage's base has no chat template."""
+    """The base's tokenizer with the run's chat template. sft.template when given; else the
+    base's own template for the stages after SFT (what its answers were trained in) and for a
+    released model's run (`babyllama import` kept the template it was tuned with, whose
+    answers `encode_chat` finds even without generation markers); else, for SFT, the default
+    sft.template -- `babyllama` instead of `chatml` when a released model's vocabulary has no
+    <|im_start|> (no embedding could be added for it). The template used is recorded in
+    cfg.sft.template ("base" for the base's own). Raises UserError when a later stage's base
+    has no chat template."""
     tokenizer = base.load_tokenizer()
     # An image-text stage may start from a pretrained (template-less) language model: it then
     # renders its data with sft.template, as SFT would.
     starts_chat = cfg.stage in VLM_STAGES and not tokenizer.chat_template
-    if cfg.stage == "sft" or "sft.template" in cfg.user_keys or starts_chat:
+    if "sft.template" in cfg.user_keys:
         tokenizer.chat_template = resolve_template(cfg.sft.template)
-    elif not tokenizer.chat_template:
+        if tokenizer.fixed_vocab:
+            # Such a token would be spelled out in bytes: no single id could end an answer.
+            missing = sorted({t for t in re.findall(r"<\|[^|<>\s]+\|>", tokenizer.chat_template)
+                              if tokenizer.token_to_id(t) is None})
+            if missing:
+                raise UserError(f"sft.template={cfg.sft.template}: writes {', '.join(missing)}, which "
+                                f"{base.path}'s vocabulary has no token for (a released model's cannot "
+                                "grow); use its own template (leave sft.template out) or sft.template=babyllama")
+    elif tokenizer.chat_template and (cfg.stage != "sft" or tokenizer.fixed_vocab):
+        if cfg.stage == "sft":
+            cfg.sft.template = "base"
+    elif cfg.stage == "sft" or starts_chat:
+        if (tokenizer.fixed_vocab and cfg.sft.template == "chatml"
+                and tokenizer.token_to_id(SPECIAL_TOKENS["im_start"]) is None):
+            cfg.sft.template = "babyllama"
+        tokenizer.chat_template = resolve_template(cfg.sft.template)
+    else:
         raise UserError(f"{base.path}: has no chat template: {cfg.stage} starts from a chat (SFT) run, "
                         f"or pass sft.template=chatml to render the data with one")
     return tokenizer
@@ -213,6 +236,7 @@ def finetune_model(cfg: RunConfig, base: Run, device, info):
 def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
     """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
     follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
+    cfg = copy_config(cfg)  # finetune_tokenizer records the template it chose in cfg.sft
     run, base = start_finetune(cfg, resume)
     t = cfg.train
     info, device = init_distributed(t.device)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babyllama.config import RunConfig
+from babyllama.config import RunConfig, copy_config
 from babyllama.data.images import ImageProcessing, load_pixels, pixel_values
 from babyllama.data.llava import ImageConversation, image_conversations
 from babyllama.data.records import BadRecords
@@ -310,6 +310,7 @@ def read_image_data(cfg: RunConfig, bad: BadRecords) -> tuple[list, list, list[s
 def run_vision_stage(cfg: RunConfig, resume: bool = False) -> Path:
     """Train `cfg.stage` (align or instruct) from `cfg.sft.base` on `cfg.sft.sources` into
     `cfg.out_dir`. Raises UserError for a bad config, base or data, before any training."""
+    cfg = copy_config(cfg)  # finetune_tokenizer records the template it chose in cfg.sft
     run, base = start_finetune(cfg, resume)
     if base.is_vision() and cfg.stage == "align" and not resume:
         print(f"note: {base.path} is already an image-text run; align trains its projector again")

@@ -19,6 +19,15 @@ one). Adding a format is adding an entry and its parse function:
   `system` and `history: [[q, a], ...]` (Alpaca, BELLE, LLaMA-Factory); BELLE's multi-turn
   `instruction` ("Human:…\\nAssistant:…\\nHuman:…\\nAssistant:") is split into its turns.
 - firefly: `{conversation: [{human, assistant}, ...]}`, optional `system` (Firefly, MOSS).
+- moss: MOSS-003-SFT as fnlp ships it (moss-003-sft-data, with or without tools):
+  `{meta_instruction, chat: {turn_1: {Human, MOSS, ...}, ...}}`, turns in number order
+  (turn_10 after turn_2); user = Human without `<|Human|>:` and `<eoh>`, assistant = MOSS
+  without `<|MOSS|>:` and `<eom>`, `meta_instruction` the system prompt. The Inner Thoughts,
+  Commands and Tool Responses (`<|Results|>:`) of a turn are not part of the normal form and
+  are dropped; a turn that used a tool keeps its Human and MOSS text, so its answer may refer
+  to results the model is not shown. MOSS-002's `plain_text`, `[Human]: … <eoh> [MOSS]: …
+  <eoa> …`, is read too (text before the first `[Human]:` as the system prompt, unless a
+  `meta_instruction` is there).
 - kdconv: `{name, messages: [{message, attrs?}]}`: speakers alternate from the user; the
   knowledge in `attrs` becomes the document.
 - babyllama-text: the babyllama write-up's `资料：…\\n\\n人类：…\\n\\n助手：…` (Human:/Assistant: too) in a `text`
@@ -29,7 +38,9 @@ one). Adding a format is adding an entry and its parse function:
 - prompt-answer: single-turn fields or CSV columns, any case: the question in prompt,
   question, query, q, input or instruction; the answer in answer, response, output,
   completion, target or a, else in a reference answer (reference_answer, ref_answer,
-  std_answer, standard_answer, gold_answer).
+  std_answer, standard_answer, gold_answer). Safety-Prompts (thu-coai) reads as it is: its
+  .json files are objects of category lists of `{prompt, response, type}`, read as splits
+  (`typical_safety_scenarios.json#Insult` picks one category).
 - csl: CSL's TSV without header, `prompt \\t text \\t title`: a summarization pair.
 - lcsts: `{summary, text}` or `{title, content}` (LCSTS-style news), or LCSTS's original
   PART_*.txt of <summary>/<short_text> blocks: a summarization pair.
@@ -364,7 +375,7 @@ def _record_lists(top, split: str | None, path: Path) -> list[tuple[str | None, 
 
 
 def _record_like(d: dict) -> bool:
-    return bool({"messages", "conversations", "conversation", "history"} & set(d))
+    return bool({"messages", "conversations", "conversation", "history", "chat"} & set(d))
 
 
 def _yml_records(path: Path, split: str | None) -> Iterator[Record]:
@@ -464,6 +475,7 @@ _REDGPT_START = re.compile(r"\s*资料\s*[：:]")
 _LLAMA2 = re.compile(r"<s>\s*(?:Human|System)\s*[:：]", re.IGNORECASE)
 _LABEL = re.compile(r"^[ \t]*(人类|助手|human|assistant)(?:[ \t]*[（(][^）)\n]{0,10}[）)])?[ \t]*[：:]",
                     re.IGNORECASE | re.MULTILINE)
+_MOSS_LABEL = re.compile(r"\[(Human|MOSS)\]\s*[:：]")  # MOSS-002's plain_text
 
 
 def _detect(path: Path, kind: str, first: list[Record]) -> Format:
@@ -560,6 +572,17 @@ def _is_babyllama_text(sample: Sample) -> bool:
         return True
     text = _text_field(sample) or _txt_line(sample)
     return text is not None and bool(_REDGPT_START.match(text) or _LABEL.match(text))
+
+
+def _is_moss(sample: Sample) -> bool:
+    record = sample.first
+    if not isinstance(record, dict):
+        return False
+    chat, text = record.get("chat"), record.get("plain_text")
+    if isinstance(chat, dict):
+        return any(isinstance(turn, dict) and {"Human", "MOSS"} & set(turn)
+                   for turn in chat.values())
+    return isinstance(text, str) and bool(_MOSS_LABEL.search(text))
 
 
 def _is_lcsts(sample: Sample) -> bool:
@@ -789,6 +812,69 @@ def _parse_firefly(record, seed: int) -> Parsed:
     return Parsed(parsed.messages, _system(record))
 
 
+# MOSS-003: "<|Human|>: 你好<eoh>\n" and "<|MOSS|>: 你好！<eom>\n" per turn; MOSS-002's
+# plain_text: "[Human]: 你好<eoh> [MOSS]: 你好！<eoa> [Human]: …".
+_MOSS_TURN = re.compile(r"turn_(\d+)")
+_MOSS_PREFIX = {"Human": re.compile(r"\s*<\|Human\|>\s*[:：]"),
+                "MOSS": re.compile(r"\s*<\|MOSS\|>\s*[:：]")}
+_MOSS_END = {"user": ("<eoh>",), "assistant": ("<eom>", "<eoa>")}
+
+
+def _moss_unmark(text: str, role: str) -> str:
+    """`text` stripped, without the end marker of `role`'s turns (<eoh>; <eom> or <eoa>)."""
+    text = text.strip()
+    for end in _MOSS_END[role]:
+        if text.endswith(end):
+            return text[:-len(end)].strip()
+    return text
+
+
+def _parse_moss(record, seed: int) -> Parsed:
+    record = _object(record)
+    system = _string(record.get("meta_instruction"), "meta_instruction",
+                     optional=True).strip() or None
+    chat = _field(record, "chat", "plain_text")
+    if "chat" not in record:
+        return _parse_moss_plain_text(_string(chat, "plain_text"), system)
+    if not isinstance(chat, dict):
+        raise BadRecord(f"'chat' is {json_type(chat)}, not an object")
+    numbered = []
+    for key, turn in chat.items():
+        m = _MOSS_TURN.fullmatch(str(key))
+        if m is None:
+            raise BadRecord(f"'chat' key {key!r} is not turn_N")
+        numbered.append((int(m.group(1)), key, turn))
+    if not numbered:
+        raise BadRecord("'chat' has no turns")
+    turns: list[tuple[str, object]] = []
+    for _, key, turn in sorted(numbered, key=lambda item: item[0]):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"{key} is {json_type(turn)}, not an object")
+        # Inner Thoughts, Commands and Tool Responses are left out (see the module docstring).
+        for name, role in (("Human", "user"), ("MOSS", "assistant")):
+            if name not in turn:
+                raise BadRecord(f"{key} has no '{name}'")
+            text = _string(turn[name], f"{key}.{name}")
+            m = _MOSS_PREFIX[name].match(text)
+            text = _moss_unmark(text[m.end():] if m else text, role)
+            if not text:
+                raise BadRecord(f"{key} has an empty '{name}'")
+            turns.append((role, text))
+    parsed = _finish(turns, noun="turn")
+    parsed.system = system
+    return parsed
+
+
+def _parse_moss_plain_text(text: str, system: str | None) -> Parsed:
+    prefix, turns = _labelled_turns(text, _MOSS_LABEL)
+    if not turns:
+        raise BadRecord("'plain_text' has no '[Human]:' / '[MOSS]:' turns")
+    parsed = _finish([(role, _moss_unmark(content, role)) for role, content in turns],
+                     noun="turn")
+    parsed.system = system or prefix.strip() or None
+    return parsed
+
+
 def _parse_kdconv(record, seed: int) -> Parsed:
     record = _object(record)
     utterances, knowledge = [], {}  # dict as an ordered set of document lines
@@ -814,9 +900,10 @@ def _knowledge_line(attr: dict) -> str:
     return f"{entity}的{name}：{value}" if isinstance(entity, str) and entity else f"{name}：{value}"
 
 
-def _labelled_turns(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """(text before the first label, [(role, content), ...]) of 人类：/助手： labelled text."""
-    matches = list(_LABEL.finditer(text))
+def _labelled_turns(text: str, label: re.Pattern = _LABEL) -> tuple[str, list[tuple[str, str]]]:
+    """(text before the first label, [(role, content), ...]) of 人类：/助手： labelled text (or
+    of another `label` pattern whose group 1 is a human or an assistant name)."""
+    matches = list(label.finditer(text))
     prefix = text[:matches[0].start()] if matches else text
     turns = []
     for m, nxt in zip(matches, matches[1:] + [None]):
@@ -961,6 +1048,8 @@ REGISTRY: tuple[Format, ...] = (
     Format("firefly", "{conversation: [{human, assistant}]} (+ system), Firefly/MOSS",
            _parse_firefly, lambda s: "conversation" in s.keys and not
            (_is_openai(s) or "conversations" in s.keys)),
+    Format("moss", "{meta_instruction, chat: {turn_N: {Human, MOSS}}} (MOSS-003-SFT) or "
+           "{plain_text: '[Human]: …<eoh> [MOSS]: …<eoa>'} (MOSS-002)", _parse_moss, _is_moss),
     Format("kdconv", "{name, messages: [{message, attrs}]}, KdConv; knowledge becomes the "
            "document", _parse_kdconv, _is_kdconv),
     Format("babyllama-text", "资料：…\\n\\n人类：…\\n\\n助手：… text (text/dialogue field, .txt), "

@@ -503,6 +503,70 @@ def test_llama_cpp_runs_q8_0_files_close_to_our_logits(shape, tiny_tokenizer, tm
     assert np.abs(logits - ours).mean() < 0.02 * scale
 
 
+@pytest.mark.slow
+def test_llama_cpp_gives_our_logits_for_qkv_biases_and_heads_of_their_own_width(tiny_tokenizer, tmp_path):
+    """A model imported from Qwen2 (q/k/v biases) with heads 24 wide instead of 64 / 4: the
+    biases go in as attn_q.bias etc. (permuted with their rows), the width as key_length."""
+    pytest.importorskip("llama_cpp")
+    model = tiny_model(tiny_tokenizer.vocab_size, initializer_range=0.2, qkv_bias=True, head_dim=24)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    prompt = tiny_tokenizer.encode(TEXTS[0], add_bos=True)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0][0].numpy()
+    out = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    assert "blk.0.attn_q.bias" in read(out.path)[1]
+    logits, _ = llama_cpp_greedy(llama_cpp_model(out.path, n_ctx=64), prompt, 1)
+    np.testing.assert_allclose(logits, ours, atol=1e-4 * np.abs(ours).max(), rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+], ids=["linear", "llama3"])
+def test_llama_cpp_gives_our_logits_under_rope_scaling(scaling, tiny_tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model = tiny_model(tiny_tokenizer.vocab_size, initializer_range=0.2, rope_scaling=scaling)
+    prompt = tiny_tokenizer.encode("".join(corpus_lines(4)), add_bos=True)[:48]
+    assert len(prompt) == 48  # positions well past llama3's (shrunk) original context of 16
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0][0].numpy()
+    out = write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    logits, _ = llama_cpp_greedy(llama_cpp_model(out.path, n_ctx=64), prompt, 1)
+    np.testing.assert_allclose(logits, ours, atol=1e-4 * np.abs(ours).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_a_qwen2_style_tokenizer_is_written_as_llama_cpps_qwen2_pre_type(tmp_path):
+    """Qwen2's tokenizer.json: an NFC normalizer, its own split regex, ByteLevel without a
+    regex. llama.cpp's "qwen2" pre type gives our ids on mixed text; NFC is a warning."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from babyllama.export.gguf import QWEN2_PRE_REGEX
+
+    tk = HFTokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus_lines(300) + TEXTS, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
+                                                                "eos_token": "<|im_end|>"}))
+    tok = Tokenizer.load(tmp_path, fixed_vocab=True)
+    out = write_gguf(tiny_model(tok.vocab_size, qkv_bias=True), tok, tmp_path / "m.gguf", dtype="f32")
+    assert read(out.path)[0]["tokenizer.ggml.pre"] == "qwen2"
+    assert any("NFC" in w for w in out.warnings)
+    llm = llama_cpp.Llama(model_path=str(out.path), vocab_only=True, verbose=False)
+    for text in TEXTS + corpus_lines(20) + ["It's 2024: 数字0123和汉字abc中文\n\n  x", "don't  stop\r\n"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+
+
 def test_gguf_export_never_replaces_a_file_that_is_not_gguf(tmp_path):
     """`-o notes.gguf` over a user's file, or `-o file.txt` (a file where a folder is meant),
     is a one-line error before the model loads; an earlier .gguf may be rewritten."""

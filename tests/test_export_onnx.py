@@ -80,6 +80,21 @@ def test_onnxruntime_logits_equal_ours_on_a_prompt(pair, request):
     close(session.logits(ids.numpy()), expected.numpy())
 
 
+def test_a_model_with_qkv_biases_and_its_own_head_width_exports_to_its_logits(tmp_path):
+    """An imported Qwen2's shape: biases on q/k/v, heads 24 wide (not 64 / 4)."""
+    torch.manual_seed(2)
+    model = Llama(tiny_config(qkv_bias=True, head_dim=24)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # zero at init
+                p.normal_(0, 0.5)
+    session = OnnxLlama(write_onnx(model, tmp_path / "model.onnx"), threads=1)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected, _ = model(ids)
+    close(session.logits(ids.numpy()), expected.numpy())
+
+
 def test_only_the_graph_and_its_data_file_are_left_in_the_folder(gqa, tied):
     # No staging folder remains; a stale data file from an earlier export is removed.
     assert [p.name for p in gqa[2].parent.iterdir()] == ["model.onnx"]
@@ -165,7 +180,7 @@ def test_graph_has_the_documented_names_and_dynamic_axes(gqa):
     assert [v.name for v in graph.input] == input_names(c.num_hidden_layers)
     assert [v.name for v in graph.output] == output_names(c.num_hidden_layers)
     total = "past_sequence + sequence"
-    kv = [c.kv_heads, c.head_dim]
+    kv = [c.kv_heads, c.head_size]
     expected_inputs = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", total],
                        "position_ids": ["batch", "sequence"]}
     expected_outputs = {"logits": ["batch", "sequence", c.vocab_size]}

@@ -9,7 +9,12 @@ Choices, and why (llama.cpp's own convert_hf_to_gguf.py, class LlamaModel, is th
   rows of q_proj and k_proj (k with its own, possibly fewer, heads) so that new row 2i is old
   row i and new row 2i + 1 is old row i + head_dim/2 gives the same attention scores; it is
   exactly the converter's `LlamaModel.permute`. v_proj and o_proj are untouched.
-- 1-D tensors (the RMSNorm weights) are always f32: llama.cpp's kernels expect them so and
+- q/k/v biases (a model imported from Qwen2) are written as llama.cpp's optional
+  `attn_q.bias`, `attn_k.bias`, `attn_v.bias`, permuted as their rows; heads whose width is not
+  hidden / heads get `attention.key_length` and `value_length`.
+- RoPE scaling: "linear" as llama.cpp's linear scaling type and factor; Llama 3.1's "llama3"
+  as the per-frequency divisors in `rope_freqs.weight`, as llama.cpp's converter writes them.
+- 1-D tensors (the RMSNorm weights, biases) are always f32: llama.cpp's kernels expect them so and
   they are a negligible share of the file.
 - q8_0 needs rows that are a whole number of 32-value blocks. A matrix whose rows are not
   (hidden size 48, say) is written as f16 instead, as the converter does, and reported.
@@ -18,7 +23,9 @@ Choices, and why (llama.cpp's own convert_hf_to_gguf.py, class LlamaModel, is th
   words before BPE) that llama.cpp reimplements in C++; it must match the one the merges
   were learned with, or llama.cpp tokenizes text differently from us.
     * byte-level BPE (tokenizer.ggml.model "gpt2"): GPT-2's ByteLevel regex -> "gpt-2"
-      (identical). Individual digits, then GPT-2's regex -> "starcoder", whose regexes are
+      (identical). Qwen2's split regex, then ByteLevel without its own regex -> "qwen2"; its
+      NFC normalizer is left out with a warning (llama.cpp's converter does the same).
+      Individual digits, then GPT-2's regex -> "starcoder", whose regexes are
       exactly `\\p{N}` then GPT-2's (HF's `Digits(individual_digits=True)` isolates
       `char::is_numeric`, i.e. \\p{N}). Han characters isolated one by one (our "cjk-chars"
       pretokenizers) exist in no llama.cpp pre type: they are written with the same type minus
@@ -54,6 +61,7 @@ import torch
 
 from babyllama.atomic import atomic_path
 from babyllama.errors import UserError
+from babyllama.model.llama import rope_inv_freq
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
@@ -151,12 +159,22 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     }
     for i in range(c.num_hidden_layers):
         for kind, ours in per_layer.items():
-            w = sd[f"model.layers.{i}.{ours}.weight"]
-            if kind == T.ATTN_Q:
-                w = permute_rope(w, c.num_attention_heads)
-            elif kind == T.ATTN_K:
-                w = permute_rope(w, c.kv_heads)
-            out[f"{names[kind].format(bid=i)}.weight"] = w
+            # q/k/v biases (Qwen2): llama.cpp's llama architecture adds them when present
+            # (attn_q.bias, ...); a bias row moves with its weight row.
+            for part in ("weight", "bias"):
+                w = sd.get(f"model.layers.{i}.{ours}.{part}")
+                if w is None:
+                    continue
+                if kind == T.ATTN_Q:
+                    w = permute_rope(w, c.num_attention_heads)
+                elif kind == T.ATTN_K:
+                    w = permute_rope(w, c.kv_heads)
+                out[f"{names[kind].format(bid=i)}.{part}"] = w
+    if c.rope_scaling and c.rope_scaling["rope_type"] == "llama3":
+        # llama.cpp divides each frequency by its factor from this tensor (convert_hf_to_gguf
+        # writes Llama 3.1's this way): ours over the scaled frequencies, 1 where unchanged.
+        plain = rope_inv_freq(c.head_size, c.rope_theta)
+        out[f"{names[T.ROPE_FREQS]}.weight"] = plain / rope_inv_freq(c.head_size, c.rope_theta, c.rope_scaling)
     out[f"{names[T.OUTPUT_NORM]}.weight"] = sd["model.norm.weight"]
     if not c.tie_word_embeddings:
         out[f"{names[T.OUTPUT]}.weight"] = sd["lm_head.weight"]
@@ -194,8 +212,14 @@ def _add_model_metadata(writer, config, name: str, dtype: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.kv_heads)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.head_size)
+    if config.head_dim is not None:  # heads not hidden_size / num_attention_heads wide
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
     writer.add_rope_freq_base(float(config.rope_theta))
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
@@ -263,15 +287,20 @@ def _chat_template(tokenizer, chat: bool | None, warnings: list[str]) -> str | N
 _BPE_PRE = {
     ("bytelevel",): "gpt-2",
     ("digits", "bytelevel"): "starcoder",
+    ("qwen2-regex", "bytelevel-raw"): "qwen2",
 }
+# Qwen2's own split (its tokenizer.json), which llama.cpp's "qwen2" pre type reimplements.
+QWEN2_PRE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _bpe_vocab(tokenizer) -> _Vocab:
     from gguf import TokenType
 
     spec = json.loads(tokenizer.backend.to_str())
-    _check_bpe_model(spec)
+    normalizer_warnings = _check_bpe_model(spec)
     pre, warnings = _bpe_pre(spec.get("pre_tokenizer"))
+    warnings += normalizer_warnings
     added = tokenizer.backend.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(tokenizer.vocab_size):
@@ -289,9 +318,16 @@ def _bpe_vocab(tokenizer) -> _Vocab:
     return _Vocab("gpt2", pre, tokens, types, merges=merges, warnings=warnings)
 
 
-def _check_bpe_model(spec: dict) -> None:
-    if spec.get("normalizer") is not None:
-        raise UserError(f"tokenizer.json has a normalizer ({spec['normalizer'].get('type')}); "
+def _check_bpe_model(spec: dict) -> list[str]:
+    """Refuse what llama.cpp's byte-level BPE cannot do; the warnings for what it nearly does."""
+    normalizer = spec.get("normalizer")
+    warnings = []
+    if normalizer is not None and normalizer.get("type") == "NFC":
+        # Qwen2's tokenizer.json; llama.cpp's converter writes it without the normalizer too.
+        warnings.append("the tokenizer normalises text to Unicode NFC, which llama.cpp does not: "
+                        "text already in NFC (almost all) tokenizes the same")
+    elif normalizer is not None:
+        raise UserError(f"tokenizer.json has a normalizer ({normalizer.get('type')}); "
                         "llama.cpp's byte-level BPE applies none, so GGUF export refuses it")
     m = spec.get("model", {})
     odd = [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
@@ -300,6 +336,7 @@ def _check_bpe_model(spec: dict) -> None:
         what = f"options {', '.join(odd)}" if odd else f"model {m.get('type')}"
         raise UserError(f"tokenizer.json: {what} not supported by llama.cpp's byte-level "
                         "BPE (GGUF export needs a plain BPE model)")
+    return warnings
 
 
 def _bpe_pre(spec: dict | None) -> tuple[str, list[str]]:
@@ -307,10 +344,10 @@ def _bpe_pre(spec: dict | None) -> tuple[str, list[str]]:
     steps = _pre_steps(spec)
     han = "han" in steps
     core = tuple(s for s in steps if s != "han")
-    if core not in _BPE_PRE or (steps and steps[-1] != "bytelevel"):
+    if core not in _BPE_PRE or (steps and steps[-1] not in ("bytelevel", "bytelevel-raw")):
         raise UserError(f"tokenizer.json: pre-tokenizer {json.dumps(spec)} has no llama.cpp "
                         "equivalent (GGUF export supports GPT-2's byte-level regex, "
-                        "optionally after individual digits)")
+                        "optionally after individual digits, and Qwen2's)")
     pre = _BPE_PRE[core]
     warnings = []
     if han:
@@ -331,8 +368,11 @@ def _pre_steps(spec: dict | None) -> list[str]:
 
 def _pre_step(s: dict) -> str:
     kind = s.get("type")
-    if kind == "ByteLevel" and s.get("use_regex", True) and not s.get("add_prefix_space"):
-        return "bytelevel"
+    if kind == "ByteLevel" and not s.get("add_prefix_space"):
+        return "bytelevel" if s.get("use_regex", True) else "bytelevel-raw"
+    if (kind == "Split" and s.get("pattern") == {"Regex": QWEN2_PRE_REGEX}
+            and s.get("behavior") == "Isolated" and not s.get("invert")):
+        return "qwen2-regex"
     if kind == "Digits" and s.get("individual_digits"):
         return "digits"
     if (kind == "Split" and s.get("pattern") == {"Regex": r"\p{Han}"}

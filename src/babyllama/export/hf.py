@@ -31,13 +31,14 @@ from babyllama.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.infer.config import decoding_defaults
+from babyllama.model.families import convert_state, trim_vocabulary
 from babyllama.model.llama import Llama, ModelConfig
 from babyllama.model.vlm import VisionLanguageModel
 from babyllama.model.weights import load_state, model_state
-from babyllama.run import Run, model_config_from_hf
+from babyllama.run import Run, hf_model_config
 from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
-from babyllama.tokenizer.chat_template import stop_token_ids
+from babyllama.tokenizer.chat_template import resolve_template, stop_token_ids
 from babyllama.tokenizer.tokenizer import CONFIG_FILE, HF_FILE, SP_FILE, sentencepiece_proto
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -53,9 +54,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for transformers' LlamaForCausalLM. `rope_theta` is written both at the top
-    level (transformers 4.x) and in `rope_parameters` (5.x)."""
-    return {
+    """config.json for transformers' LlamaForCausalLM, or Qwen2ForCausalLM for a model with
+    q/k/v biases (transformers' Llama would put one on o_proj too). `rope_theta` is written
+    both at the top level (transformers 4.x) and in `rope_parameters` (5.x)."""
+    d = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
@@ -64,7 +66,7 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = to
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
+        "head_dim": config.head_size,
         "max_position_embeddings": config.max_position_embeddings,
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -81,6 +83,14 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype = to
         "torch_dtype": _TORCH_DTYPE_NAMES[dtype],
         "dtype": _TORCH_DTYPE_NAMES[dtype],
     }
+    if config.rope_scaling:
+        d["rope_parameters"] = {**config.rope_scaling, "rope_theta": config.rope_theta}
+        d["rope_scaling"] = dict(config.rope_scaling)  # transformers 4.x reads this one
+    if config.qkv_bias:
+        del d["attention_bias"], d["mlp_bias"]
+        d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                 sliding_window=None, max_window_layers=config.num_hidden_layers)
+    return d
 
 
 def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
@@ -89,7 +99,9 @@ def generation_defaults(tokenizer: Tokenizer, chat: bool) -> dict:
     cfg = decoding_defaults("chat" if chat else "plain")
     settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty}
-    eos = list(stop_token_ids(tokenizer)) if chat else [tokenizer.eos_id]
+    # A base model stops at EOS and a released model's own end tokens; a chat model at <|im_end|> too.
+    eos = list(stop_token_ids(tokenizer)) if chat else \
+        list(dict.fromkeys([tokenizer.eos_id, *map(tokenizer.token_to_id, tokenizer.end_tokens)]))
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": tokenizer.pad_id, "do_sample": settings["temperature"] > 0, **settings}
 
@@ -302,6 +314,9 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int, bos:
     }
     if tokenizer.kind == "sentencepiece":
         config["added_tokens"] = tokenizer.config()["added_tokens"]
+    # What only babyllama reads back (transformers ignores them): the tokenizer's own keys.
+    own = tokenizer.config()
+    config.update({k: own[k] for k in ("end_tokens", "fixed_vocab") if k in own})
     if config["unk_token"] is None or tokenizer.unk_id is None:
         del config["unk_token"]
     if tokenizer.chat_template is None:
@@ -329,38 +344,28 @@ def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
             return state
         if (src / "pytorch_model.bin").exists():
             # weights_only: tensors and plain containers, never arbitrary pickled objects.
-            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise UserError(f"{src / 'pytorch_model.bin'}: not a state dict (names -> tensors)")
+            return state
+    except UserError:
+        raise
     except Exception as e:  # safetensors and torch raise their own types for corrupt files
-        raise UserError(f"{src}: cannot read the weights ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in first:  # torch suggests weights_only=False: never for a file
+            first = "it is not a plain file of tensors; pickled objects are not loaded"
+        raise UserError(f"{src}: cannot read the weights ({first})") from None
     raise UserError(f"{src}: no model.safetensors, model.safetensors.index.json or "
                     "pytorch_model.bin")
 
 
-def _check_llama_config(path: Path) -> None:
-    """What our model cannot represent, refused by name instead of loading wrong numbers."""
-    problems = llama_config_problems(read_json_object(path, "config.json"))
-    if problems:
-        raise UserError(f"{path}: cannot import: " + "; ".join(problems))
-
-
-def llama_config_problems(d: dict) -> list[str]:
-    """What our model cannot represent in the transformers LlamaConfig dict `d`, one phrase each."""
-    problems = []
-    if d.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {d['hidden_act']!r} (ours is silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key):
-            problems.append(f"{key} true (our projections have no bias)")
-    heads = d.get("num_attention_heads") or 1
-    if d.get("head_dim") not in (None, d.get("hidden_size", 0) // heads):
-        problems.append(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads")
-    return problems
-
-
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A run directory (config.yaml, model.safetensors in fp32, tokenizer/) from the
-    transformers Llama directory `src` (a LLaVA directory: an image-text run, export/llava.py);
-    `babyllama sft`, `eval`, `chat` and `export` take it."""
+    transformers directory `src` of a family in model/families.py (Llama, Mistral, Qwen2,
+    Baichuan-7B, Baichuan2-7B, InternLM2), or a LLaVA directory (an image-text run,
+    export/llava.py); `babyllama sft`, `eval`, `chat` and `export` take it. What the import
+    changed to map exactly is in the family's notes (`hf_model_config`). Raises UserError for
+    what cannot map exactly."""
     src, run = Path(src), Run(out)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: not a transformers directory (no config.json)")
@@ -369,18 +374,25 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
 
         return import_llava(src, out)
     run.refuse_nonempty()
-    _check_llama_config(src / "config.json")
-    config = model_config_from_hf(src / "config.json")
-    problems = config.problems()
-    if problems:
-        raise UserError(f"{src / 'config.json'}: " + "; ".join(problems))
-    tokenizer = Tokenizer.load(src)
+    config, family = hf_model_config(src / "config.json")
+    tokenizer = Tokenizer.load(src, fixed_vocab=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                         f"only {config.vocab_size} embeddings")
+    if tokenizer.chat_template:
+        try:
+            resolve_template(tokenizer.chat_template)
+        except UserError as e:  # "chat template line 3: ..." -> name the file it came from
+            raise UserError(f"{src}: its chat template (tokenizer_config.json or chat_template.jinja) "
+                            f"does not compile: {e}") from None
+    state = convert_state(family, {k: v.float() for k, v in read_hf_state(src).items()}, config)
+    if tokenizer.vocab_size < config.vocab_size:  # rows no token has: see trim_vocabulary
+        state = trim_vocabulary(state, tokenizer.vocab_size)
+        config.vocab_size = tokenizer.vocab_size
     model = Llama(config)
-    state = {k: v.float() for k, v in read_hf_state(src).items()
-             if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved the RoPE buffer
+    if bad := [k for k, v in state.items() if not torch.isfinite(v).all()]:
+        raise UserError(f"{src}: {bad[0]} holds NaN or infinite values"
+                        + (f" (as do {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     load_state(model, state, src)
-    run.write_plain_run(model, tokenizer, RunConfig(model=config, preset=f"imported from {src}"))
+    run.write_plain_run(model, tokenizer, RunConfig(model=config, preset=f"imported from {src} ({family.name})"))
     return run.path

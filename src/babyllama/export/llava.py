@@ -39,14 +39,15 @@ import torch
 from babyllama.atomic import atomic_write_text
 from babyllama.config import RunConfig, VisionSection
 from babyllama.errors import UserError
-from babyllama.export.hf import (HF_DTYPES, generation_defaults, hf_config, llama_config_problems, write_safetensors,
+from babyllama.export.hf import (HF_DTYPES, generation_defaults, hf_config, write_safetensors,
                                  read_hf_state, write_json, write_tokenizer_files)
 from babyllama.infer.images import IMAGE_PLACEHOLDER
+from babyllama.model import families
 from babyllama.model.llama import ModelConfig
 from babyllama.model.vision import VisionConfig
 from babyllama.model.vlm import PROJECTOR_ACTIVATIONS, VisionLanguageModel, VLMConfig
 from babyllama.model.weights import load_state
-from babyllama.run import HF_CONFIG_KEYS, SIGLIP_CONFIG_KEYS, Run
+from babyllama.run import SIGLIP_CONFIG_KEYS, Run
 from babyllama.textfile import read_json_object
 from babyllama.tokenizer import Tokenizer
 from babyllama.tokenizer.tokenizer import CHAT_TEMPLATE_FILE
@@ -204,7 +205,7 @@ def read_llava_config(path: Path, processor: dict) -> tuple[ModelConfig, VLMConf
     if text.get("model_type", "llama") != "llama":
         raise UserError(f"{path}: text_config model_type {text.get('model_type')!r}; only Llama "
                         "language models load")
-    problems = llama_config_problems(text)
+    problems = []
     if not d.get("multimodal_projector_bias", True):
         problems.append("multimodal_projector_bias false (our projector has biases)")
     act = d.get("projector_hidden_act", "gelu")
@@ -223,14 +224,9 @@ def read_llava_config(path: Path, processor: dict) -> tuple[ModelConfig, VLMConf
     side = vision.get("image_size")
     if isinstance(size, dict) and side and any(size.get(k, side) != side for k in ("height", "width")):
         problems.append(f"image processor size {size} is not the encoder's image_size {side}")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope scaling {rope.get('rope_type')!r}")
     if problems:
         raise UserError(f"{path}: cannot import: " + "; ".join(problems))
-    if "rope_theta" not in text and "rope_theta" in rope:
-        text = {**text, "rope_theta": rope["rope_theta"]}
-    config = ModelConfig(**{k: text[k] for k in HF_CONFIG_KEYS if k in text})
+    config, _ = families.model_config({"model_type": "llama", **text}, f"{path} (text_config)")
     # transformers ties the head when either the LLaVA or its text config says so.
     config.tie_word_embeddings = bool(d.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
     v = VisionConfig(**{k: vision[k] for k in SIGLIP_CONFIG_KEYS if k in vision})

@@ -140,7 +140,7 @@ def export_program(model: Llama, opset: int | None = None) -> torch.onnx.ONNXPro
     example = (torch.zeros(batch, new, dtype=torch.long),
                torch.ones(batch, past + new, dtype=torch.long),
                torch.arange(past, past + new).repeat(batch, 1),
-               [torch.zeros(batch, c.kv_heads, past, c.head_dim) for _ in range(2 * layers)])
+               [torch.zeros(batch, c.kv_heads, past, c.head_size) for _ in range(2 * layers)])
     b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
     # torch.export cannot declare a dim as the sum of two others; the mask gets its own, which
     # is renamed after export to the expression the present outputs carry.

@@ -185,9 +185,11 @@ def test_step_loss_and_gradients_are_token_weighted_whatever_the_micro_batch_spl
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-def test_two_ddp_processes_weight_tokens_like_one_process(base_run, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_weight_tokens_like_one_process(base_run, tmp_path, strategy):
     """Across ranks too: rank 0 gets the 1-token answer, rank 1 the long one; the step's loss
-    and gradient norm are those of one process holding both."""
+    and gradient norm are those of one process holding both, with whole (DDP) or sharded
+    (FSDP) weights."""
     import sys
 
     data = write_jsonl(tmp_path / "two.jsonl", short_and_long_answers())
@@ -198,7 +200,8 @@ def test_two_ddp_processes_weight_tokens_like_one_process(base_run, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "babyllama.cli", "sft", *common, "-o", str(tmp_path / "two"), "train.batch_size=1"],
+         "-m", "babyllama.cli", "sft", *common, "-o", str(tmp_path / "two"), "train.batch_size=1",
+         f"train.strategy={strategy}"],
         env=cli_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()][0]

@@ -32,6 +32,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
     precision: str = "auto"         # auto | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False
     compile: bool = False           # torch.compile the model (GPU)
+    # Several processes under torchrun: ddp keeps a whole copy of the model per process; fsdp
+    # shards weights, gradients and optimizer states across them (train/fsdp.py).
+    strategy: str = "ddp"           # ddp | fsdp
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     log_every: int = 10
@@ -92,7 +96,7 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES),
-                              ("optimizer", OPTIMIZERS)):
+                              ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES)):
             if getattr(self, name) not in allowed:
                 out.append(f"train.{name} must be one of {', '.join(allowed)}; "
                            f"got {getattr(self, name)!r}")
@@ -316,6 +320,8 @@ class RunConfig:
                 out.append("lora.enabled is for fine-tuning a chat model (babyllama sft, dpo, grpo, instruct); "
                            f"{self.stage} trains its own weights")
             out += self.lora.problems()
+        if self.train.strategy == "fsdp":
+            out += fsdp_problems(self)
         return out
 
     def to_dict(self) -> dict:
@@ -333,6 +339,32 @@ class RunConfig:
         if not self.lora.enabled:
             del d["lora"]
         return d
+
+
+# The stages train/fsdp.py shards: their loop is the plain trainer's with one model. DPO and
+# GRPO also run a reference model or generate (a sharded model's generate is a collective every
+# rank would have to join token by token), and the reward model has its own head.
+FSDP_STAGES = ("pretrain", "sft")
+
+
+def fsdp_problems(cfg: "RunConfig") -> list[str]:
+    """What train.strategy=fsdp cannot run: stages other than pretraining and SFT, LoRA/QLoRA
+    (peft's frozen base and 4-bit weights are not sharded here), fp16-mixed (torch's loss scaler
+    does not unscale sharded gradients) and optimizers that need whole tensors (Muon
+    orthogonalises each whole matrix; bitsandbytes' 8-bit AdamW keeps plain tensors)."""
+    out, t = [], cfg.train
+    if cfg.stage not in FSDP_STAGES:
+        out.append(f"train.strategy=fsdp covers {' and '.join(FSDP_STAGES)}; the {cfg.stage} stage "
+                   "trains with ddp")
+    if cfg.lora.enabled:
+        out.append("train.strategy=fsdp: LoRA/QLoRA runs train with ddp (their frozen base is not sharded)")
+    if t.precision == "fp16-mixed":
+        out.append("train.strategy=fsdp: fp16-mixed needs a loss scaler for sharded gradients; "
+                   "use bf16-mixed or fp32, or train.strategy=ddp")
+    if t.optimizer != "adamw":
+        out.append(f"train.strategy=fsdp: train.optimizer={t.optimizer} needs whole tensors "
+                   "(Muon orthogonalises whole matrices, 8-bit AdamW keeps plain states); use adamw")
+    return out
 
 
 def list_presets() -> list[str]:

@@ -10,7 +10,8 @@ Every stage writes one, and every command that reads a model reads one:
       tokenizer/                  the tokenizer, with the chat template of a fine-tuned run
       reference_logps.safetensors a DPO run: the reference model's log-probs of its pairs
       resume/                     the exact state to continue from (weights or adapter,
-                                    optimizer.pt, trainer.json written last)
+                                    optimizer.pt, trainer.json written last; an FSDP run:
+                                    weights, dcp/ sharded model and optimizer, rng-RANK.pt)
       metrics.jsonl  loss.png  samples.txt     what training logged
       eval/NAME.md  NAME.json  NAME.examples.jsonl   evaluation results
 
@@ -398,15 +399,27 @@ class Run:
         """Replace resume/ atomically with the model's weights (a peft model: its adapter),
         `optimizer_state` (torch.save'd: optimizer, scaler, RNG states) and `trainer_state`
         (JSON: step, data position, ...; written last, its presence marks the state complete)."""
-        tmp, final, old = self.path / f"{RESUME}.tmp", self.path / RESUME, self.path / f"{RESUME}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self.start_resume()
         if is_adapter_model(model):
             save_adapter(model, tmp, trainer_state.get("base"))
         else:
             save_weights(model, tmp / WEIGHTS)
         with atomic_path(tmp / OPTIMIZER_STATE) as p:
             torch.save(optimizer_state, p)
+        self.finish_resume(tmp, trainer_state)
+
+    def start_resume(self) -> Path:
+        """An empty staging directory for the next resume state (resume.tmp/); what a trainer
+        writes there becomes resume/ at `finish_resume`."""
+        tmp = self.path / f"{RESUME}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def finish_resume(self, tmp: Path, trainer_state: dict) -> None:
+        """Write `trainer_state` into the staged state `tmp` (last: it marks the state complete)
+        and swap it in for resume/."""
+        final, old = self.path / RESUME, self.path / f"{RESUME}.old"
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -427,6 +440,9 @@ class Run:
             set_peft_model_state_dict(model, read_weights(weights))
         else:
             load_weights(model, resume_dir / WEIGHTS)
+        if not (resume_dir / OPTIMIZER_STATE).exists():
+            raise UserError(f"{self.path}: its resume state was saved with train.strategy=fsdp (sharded); "
+                            "resume with train.strategy=fsdp under torchrun")
         optimizer_state = torch.load(resume_dir / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
         return optimizer_state, read_json(resume_dir / TRAINER_STATE)
 

@@ -1,6 +1,8 @@
 """Process-group setup for `torchrun`: NCCL on GPUs, gloo on CPU.
 
-Without torchrun's environment variables everything runs as a single process (rank 0 of 1).
+Without torchrun's environment variables everything runs as a single process (rank 0 of 1)
+with no process group. Under torchrun the group is set up even for one process, so
+`torchrun --nproc_per_node 1` runs the same DDP/FSDP code that many GPUs run.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (a process group exists, maybe of one)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """There is a process group: collectives, DDP/FSDP wrapping and barriers apply."""
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -30,8 +34,10 @@ class DistInfo:
 
 
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    # torchrun sets these four; RANK/WORLD_SIZE alone may be a cluster's own variables.
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+                    int(os.environ.get("LOCAL_RANK", 0)), launched)
     device = pick_device(device_name, info.local_rank)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -57,5 +63,5 @@ def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

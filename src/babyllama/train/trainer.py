@@ -5,7 +5,7 @@ returns inputs, targets with -100 where a token must not count, and extra model 
 as a packed batch's attention mask), the objective (`train_data.loss`, when the stage's loss
 is not next-token cross-entropy: DPO, reward model, GRPO), the evaluation set and how samples
 are prompted; precision, accumulation, clipping, schedules, the non-finite guard, evaluation,
-samples, logging, checkpoints and DDP all live here.
+samples, logging, checkpoints, DDP and FSDP (train/fsdp.py) all live here.
 
 `train`, at the end, sets up, then each iteration is one `optimizer_step` followed by the
 end-of-step actions (`log_step`, `evaluate_and_log`, `run_eval_tasks`, `write_samples`,
@@ -34,8 +34,9 @@ from babyllama.eval.tasks import run_task, task_options
 from babyllama.infer.config import decoding_defaults
 from babyllama.infer.generate import generate_text
 from babyllama.run import Run
-from babyllama.train.checkpoint import load_resume, save_resume
+from babyllama.train.checkpoint import load_resume, load_sharded_resume, save_resume, save_sharded_resume
 from babyllama.train.distributed import DistInfo, all_reduce_sum, broadcast_float
+from babyllama.train.fsdp import check_launched, is_sharded, set_gradient_sync, shard_model, unsharded_copy
 from babyllama.train.metrics import MetricsLog, plot_loss
 from babyllama.train.schedule import lr_at
 
@@ -75,12 +76,15 @@ def lm_loss(model, batch) -> Loss:
     return Loss(loss_sum, (y != -100).sum(), {})
 
 
-def load_checkpoint(run: Run, model, optimizer, scaler) -> dict:
-    """Restore weights, optimizer, loss scaler and RNG states from the run's resume state;
-    returns the trainer state ({"step", "tokens", ...}). Raises UserError when there is none."""
+def load_checkpoint(run: Run, model, optimizer, scaler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, loss scaler and RNG states from the run's resume state (a
+    sharded model: its shards, on every rank); returns the trainer state ({"step", "tokens",
+    ...}). Raises UserError when there is none, or it was saved with the other strategy."""
     resume_dir = run.resume_dir()
     if resume_dir is None:
         raise UserError(f"{run.path}: nothing to resume (no resume/ state); start without --resume")
+    if is_sharded(model):
+        return load_sharded_resume(resume_dir, model, optimizer, rank)
     return load_resume(resume_dir, model, optimizer, scaler)
 
 
@@ -226,6 +230,8 @@ def evaluate(model, eval_set, device, precision: str, info: DistInfo) -> dict:
     """Loss (nats/token), perplexity, next-token accuracy and bits per character/byte on the
     eval set, by the scoring `babyllama eval --task lm` uses; {} when it has no target.
     Batches are split across ranks and the sums reduced, so DDP evaluates each window once.
+    A sharded (FSDP) model's forward is a collective: a rank left without a batch in the last
+    round scores a repeat of its first and discards it, so all ranks run the same forwards.
     An eval set of another stage (held-out pairs) brings its own `evaluate` with these
     arguments and returns its own `val_*` numbers.
     """
@@ -234,12 +240,16 @@ def evaluate(model, eval_set, device, precision: str, info: DistInfo) -> dict:
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=wide_float(device), device=device)  # nats, tokens, correct
-    for i, (x, y) in enumerate(eval_set.batches):
-        if i % info.world_size != info.rank:
-            continue
+    n_batches = len(eval_set.batches)
+    if is_sharded(model):
+        n_batches = math.ceil(n_batches / info.world_size) * info.world_size
+    for i in range(info.rank, n_batches, info.world_size):
+        x, y = eval_set.batches[i] if i < len(eval_set.batches) else eval_set.batches[0]
         x, y = x.to(device), y.to(device)
         with autocast_context(precision, device):
             nats, n, correct = target_scores(model, x, y)
+        if i >= len(eval_set.batches):
+            continue
         sums[0] += nats.sum()
         sums[1] += n.sum()
         sums[2] += correct.sum()
@@ -280,11 +290,11 @@ def prepare_model(model: torch.nn.Module, precision: str, device: torch.device,
 
 def wrap_model(model: torch.nn.Module, device: torch.device, info: DistInfo,
                compile_model: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(forward_model, ddp_model): `model` in DDP when there are several processes (else
-    itself), and that in torch.compile when `compile_model` is set. The micro-steps call
-    `forward_model`; `ddp_model` is what `no_sync` is asked of."""
+    """(forward_model, ddp_model): `model` in DDP under torchrun (else itself; a sharded model
+    is its own wrapper), and that in torch.compile when `compile_model` is set. The
+    micro-steps call `forward_model`; `ddp_model` is what `no_sync` is asked of."""
     forward_model = ddp_model = model
-    if info.enabled:
+    if info.enabled and not is_sharded(model):
         forward_model = ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_model:
@@ -299,6 +309,7 @@ class TrainSetup:
     model: torch.nn.Module          # the trained module: its parameters, saving, eval, samples
     forward_model: torch.nn.Module  # what the micro-steps call (see `wrap_model`)
     ddp_model: torch.nn.Module      # `model` or its DDP wrapper: what `no_sync` is asked of
+                                    # (`model` sharded by FSDP: no DDP; train/fsdp.py)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16-mixed only
     precision: str
@@ -350,7 +361,11 @@ def optimizer_step(s: TrainSetup, train_data: TrainData, step: int) -> StepResul
         # DDP all-reduces gradients on every backward; skip that on all but the last
         # micro-step of the accumulation.
         sync = micro == t.grad_accum - 1
-        no_sync = s.ddp_model.no_sync() if s.info.enabled and not sync else contextlib.nullcontext()
+        no_sync = contextlib.nullcontext()
+        if is_sharded(s.model):
+            set_gradient_sync(s.model, sync)
+        elif s.info.enabled and not sync:
+            no_sync = s.ddp_model.no_sync()
         with no_sync, autocast_context(s.precision, s.device):
             loss = objective(s.forward_model, batch)
         scaled = loss.total / norm
@@ -366,12 +381,15 @@ def optimizer_step(s: TrainSetup, train_data: TrainData, step: int) -> StepResul
     reduced = all_reduce_sum(packed, s.info).tolist()
     loss_total, tokens = reduced[0], int(reduced[1])
     step_stats = {n: v / tokens for n, v in zip(names, reduced[2:])} if tokens else {}
-    # DDP averaged the gradients over ranks: x world_size gives their sum, / tokens the mean.
+    # DDP (and FSDP's reduce-scatter) averaged the gradients over ranks: x world_size gives
+    # their sum, / tokens the mean.
     # No target at all (possible only with hand-made data) makes the step non-finite: skipped.
     grads = [p.grad for p in s.model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, norm * s.info.world_size / tokens if tokens else math.nan)
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is a DTensor
+        grad_norm = grad_norm.full_tensor()
     result = StepResult(loss_total / tokens if tokens else math.nan, float(grad_norm), tokens, step_stats)
     if s.scaler is not None:
         if tokens:
@@ -484,13 +502,18 @@ def write_samples(model, tokenizer, t: TrainConfig, step: int, path: Path, bar, 
 
 
 def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int, elapsed_s: float) -> None:
-    """Save the resume state and publish its weights (main process); every rank then waits
-    at a barrier, so none runs ahead of a checkpoint that is still being written."""
-    if s.info.is_main:
-        state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps,
-                 "elapsed_s": round(elapsed_s, 3)}
-        if s.cfg.stage in FINETUNE_STAGES:
-            state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
+    """Save the resume state and publish its weights (main process; a sharded model's shards
+    on every rank); every rank then waits at a barrier, so none runs ahead of a checkpoint
+    that is still being written."""
+    state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps,
+             "elapsed_s": round(elapsed_s, 3)}
+    if s.cfg.stage in FINETUNE_STAGES:
+        state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
+    if is_sharded(s.model):
+        save_sharded_resume(run.path, s.model, s.optimizer, state, s.info.rank)
+        if s.info.is_main:
+            run.publish_weights()
+    elif s.info.is_main:
         write_checkpoint(run, s.model, s.optimizer, s.scaler, state)
     if s.info.enabled:
         torch.distributed.barrier()
@@ -542,14 +565,17 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     """
     t = cfg.train
     info = info or DistInfo()  # a single process
+    check_launched(t.strategy, info.launched)
     run = Run(run_dir)
     precision = resolve_precision(t.precision, device)
     prepare_model(model, precision, device, t.activation_checkpointing)
+    if t.strategy == "fsdp":  # before the optimizer: it must hold the sharded parameters
+        shard_model(model, precision)
     optimizer = build_optimizer(model, t, lr_scale)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     start_step, tokens_seen, spent_s = 0, 0, 0.0
     if resume:  # before DDP wraps the model: DDP broadcasts rank 0's weights as it starts
-        state = load_checkpoint(run, model, optimizer, scaler)
+        state = load_checkpoint(run, model, optimizer, scaler, info.rank)
         start_step, tokens_seen = state["step"], state["tokens"]
         spent_s = state.get("elapsed_s", 0.0)  # states saved before time budgets have none
     # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
@@ -606,10 +632,18 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
             if final or every(done, t.eval_every):
                 if eval_set is not None:
                     last.update(evaluate_and_log(s, eval_set, run, metrics, bar, done, tokens_seen, elapsed))
-                if tasks:
-                    last.update(run_eval_tasks(model, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
-            if info.is_main and t.sample_prompts and (final or every(done, t.sample_every)):
-                write_samples(model, tokenizer, t, done, run.samples_file, bar, sample_fn)
+            run_tasks = bool(t.eval_tasks) and (final or every(done, t.eval_every))
+            sample = bool(t.sample_prompts) and (final or every(done, t.sample_every))
+            # What only the main process runs needs whole weights: a sharded model's are
+            # gathered (by every rank) into a plain copy for it.
+            whole = model
+            if is_sharded(model) and (run_tasks or sample):
+                whole = unsharded_copy(model, device)
+            if run_tasks and info.is_main:
+                last.update(run_eval_tasks(whole, tokenizer, tasks, run.path, done, tokens_seen, metrics, bar))
+            if sample and info.is_main:
+                write_samples(whole, tokenizer, t, done, run.samples_file, bar, sample_fn)
+            del whole
             # Under a time budget also at each tenth of it: a budget of a few minutes may end
             # before save_every steps, and Ctrl-C must not cost the whole run.
             tenths = math.floor(10 * fraction) if fraction is not None else 0

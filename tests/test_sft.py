@@ -416,3 +416,19 @@ def test_chat_with_a_pretrained_run_says_it_is_not_a_chat_model(base_run):
     once = run_cli("chat", str(base_run), "--prompt", "你好", "--max-new-tokens", "4", "--seed", "0")
     assert once.returncode == 0, once.stderr[-2000:]
     assert "is not a chat model" in once.stderr
+
+
+def test_packed_attention_uses_flex_on_cuda_without_dropout_and_refuses_flex_elsewhere(base_run):
+    from babyllama.errors import UserError
+    from babyllama.train.sft import sft_config, use_block_mask
+
+    cfg = sft_config(base_run, {"sft": {"sources": ["x.jsonl"]}, "model": {"dropout": 0.0}})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_block_mask(cfg, cuda) and not use_block_mask(cfg, cpu)
+    cfg.model.dropout = 0.1
+    assert not use_block_mask(cfg, cuda)  # FlexAttention has no attention dropout
+    cfg.model.dropout, cfg.sft.mode = 0.0, "pad"
+    assert not use_block_mask(cfg, cuda)  # padded rows need no mask
+    cfg.sft.mode, cfg.sft.packed_attention = "pack", "flex"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        use_block_mask(cfg, cpu)

@@ -108,6 +108,41 @@ def test_packed_row_gives_the_logits_and_loss_of_each_conversation_alone(tiny_to
     assert ckpt_loss.item() == pytest.approx(float(packed_loss), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager is the CPU's only path
+def test_flex_attention_block_mask_gives_the_logits_and_loss_of_the_boolean_mask(tiny_tokenizer):
+    """The CUDA path for packed rows (FlexAttention block masks) against the CPU path (SDPA with
+    the boolean mask), on the same rows: several conversations per row, a padded tail,
+    grouped-query attention and 2 rows of different layouts. Forward only: FlexAttention's
+    backward exists on CUDA alone (benchmarks/gpu_check.py compares the training losses there)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    examples = synthetic_examples(12, 5, 40, seed=1)
+    kwargs = dict(seq_len=96, batch_size=2, grad_accum=1, seed=0, pad_id=tiny_tokenizer.pad_id, mode="pack")
+    x, y, boolean = SFTBatches(examples, **kwargs).get(0, 0, "cpu")
+    x2, y2, flex = SFTBatches(examples, **kwargs, block_mask=True).get(0, 0, "cpu")
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert isinstance(flex["attn_mask"], BlockMask) and torch.equal(flex["position_ids"], boolean["position_ids"])
+    assert x.shape[0] == 2 and ((boolean["position_ids"] == 0).sum(-1) > 2).all()  # several segments a row
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        logits_mask, loss_mask = model(x, y, **boolean)
+        logits_flex, loss_flex = model(x, y, **flex)
+    torch.testing.assert_close(logits_flex, logits_mask, rtol=0, atol=1e-5)
+    assert float(loss_flex) == pytest.approx(float(loss_mask), rel=1e-6)
+
+
+def test_flex_attention_refuses_attention_dropout_in_training():
+    from babyllama.model.llama import packed_block_mask
+
+    model = Llama(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, max_position_embeddings=32, dropout=0.1)).train()
+    x = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(x, attn_mask=packed_block_mask(torch.zeros(1, 8, dtype=torch.long)))
+
+
 def test_packed_mask_is_block_diagonal_causal(tiny_tokenizer):
     examples = synthetic_examples(6, 4, 9)
     batches = SFTBatches(examples, seq_len=32, batch_size=2, grad_accum=1, seed=3,

@@ -104,6 +104,7 @@ class TrainConfig:
 
 
 SFT_MODES = ("pack", "pad")
+PACKED_ATTENTION = ("auto", "flex", "mask")
 SFT_LOSS_ON = ("all", "last")
 
 
@@ -119,6 +120,9 @@ class SFTConfig:
     system_prompt: str = ""         # default system prompt for conversations without one
     loss_on: str = "all"            # all assistant turns, or only the last one
     mode: str = "pack"              # pack several conversations per row, or pad length buckets
+    # Packed rows' attention: flex (FlexAttention block masks, CUDA) or mask (a boolean mask
+    # with SDPA); auto picks flex on CUDA without dropout (FlexAttention has none).
+    packed_attention: str = "auto"  # auto | flex | mask
     epochs: float = 3.0             # sets train.max_steps (unless max_tokens is set)
     max_tokens: int = 0             # > 0: train on about this many tokens instead of epochs
     val_fraction: float = 0.02      # held-out conversations for evaluation
@@ -133,6 +137,9 @@ class SFTConfig:
             out.append(f"sft.loss_on must be one of {', '.join(SFT_LOSS_ON)}; got {self.loss_on!r}")
         if self.mode not in SFT_MODES:
             out.append(f"sft.mode must be one of {', '.join(SFT_MODES)}; got {self.mode!r}")
+        if self.packed_attention not in PACKED_ATTENTION:
+            out.append(f"sft.packed_attention must be one of {', '.join(PACKED_ATTENTION)}; "
+                       f"got {self.packed_attention!r}")
         if self.epochs <= 0 and self.max_tokens <= 0:
             out.append("sft.epochs or sft.max_tokens must be positive")
         if self.max_tokens < 0:
@@ -309,6 +316,9 @@ class RunConfig:
             out.append(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
         if self.stage in FINETUNE_STAGES:
             out += self.sft.problems()
+            if self.sft.packed_attention == "flex" and self.model.dropout > 0:
+                out.append("sft.packed_attention=flex: FlexAttention has no attention dropout; "
+                           "set model.dropout=0 or use sft.packed_attention=mask")
         if self.stage in ("dpo", "reward", "grpo"):
             out += getattr(self, self.stage).problems()
         if self.stage in VLM_STAGES:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from babyllama.data.shards import val_score
+from babyllama.model.llama import packed_block_mask
 from babyllama.tokenizer.chat_template import fit_chat
 
 IGNORE = -100  # target value the loss skips
@@ -156,11 +157,15 @@ class SFTBatches:
     Rows (pack) or length buckets (pad) are built once from the seed. Global batch
     g = (step * grad_accum + micro) * world_size + rank is batch g % N of epoch g // N, in an
     order permuted by (seed, epoch), N = `batches_per_epoch`.
+
+    Packed rows come with their attention mask: a boolean (B, 1, T, T) one, or with
+    `block_mask` FlexAttention's BlockMask (model/llama.py `packed_block_mask`: the fused
+    kernel on CUDA; its backward has no CPU version).
     """
 
     def __init__(self, examples: list[SFTExample], *, seq_len: int, batch_size: int,
                  grad_accum: int, seed: int, pad_id: int, mode: str = "pack", rank: int = 0,
-                 world_size: int = 1, replay=None, replay_ratio: float = 0.0):
+                 world_size: int = 1, replay=None, replay_ratio: float = 0.0, block_mask: bool = False):
         if mode not in ("pack", "pad"):
             raise ValueError(f"mode must be 'pack' or 'pad', got {mode!r}")
         if not examples:
@@ -172,6 +177,7 @@ class SFTBatches:
         self.seed, self.pad_id, self.mode = seed, pad_id, mode
         self.rank, self.world_size = rank, world_size
         self.replay, self.replay_ratio = replay, replay_ratio
+        self.block_mask = block_mask
         # Positions each example takes in a row: its length minus one (inputs ids[:-1]).
         lengths = np.array([len(e.ids) - 1 for e in examples], dtype=np.int64)
         if lengths.max() > seq_len:
@@ -228,6 +234,8 @@ class SFTBatches:
             # Right padding under causal attention: real tokens never see the pad that follows.
             return x, y, {}
         seg = _to_device(seg, device)
+        if self.block_mask:
+            return x, y, {"attn_mask": packed_block_mask(seg), "position_ids": _to_device(pos, device)}
         T = x.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal

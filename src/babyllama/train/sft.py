@@ -233,6 +233,18 @@ def finetune_model(cfg: RunConfig, base: Run, device, info):
     return model
 
 
+def use_block_mask(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether packed rows attend through FlexAttention block masks (sft.packed_attention):
+    "auto" on CUDA when the model has no dropout. Raises UserError for "flex" off CUDA (its
+    backward is CUDA-only)."""
+    choice = cfg.sft.packed_attention
+    if choice == "flex" and device.type != "cuda":
+        raise UserError(f"sft.packed_attention=flex needs a CUDA GPU (FlexAttention's backward); this run is on "
+                        f"{device.type}: use sft.packed_attention=mask or auto")
+    return cfg.sft.mode == "pack" and (choice == "flex" or (choice == "auto" and device.type == "cuda"
+                                                             and cfg.model.dropout == 0))
+
+
 def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
     """Fine-tune `cfg.sft.base` on `cfg.sft.sources` into `cfg.out_dir`. Steps and intervals
     follow from the data unless the user set them (`cfg.user_keys`); `cfg` is not changed."""
@@ -253,7 +265,8 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
         batches = SFTBatches(train_ex, seq_len=t.seq_len, batch_size=t.batch_size,
                              grad_accum=t.grad_accum, seed=t.seed, pad_id=tokenizer.pad_id,
                              mode=cfg.sft.mode, rank=info.rank, world_size=info.world_size,
-                             replay=replay, replay_ratio=cfg.sft.replay_ratio)
+                             replay=replay, replay_ratio=cfg.sft.replay_ratio,
+                             block_mask=use_block_mask(cfg, device))
         n_tokens = sum(len(e.ids) for e in train_ex)
         if not resume:
             cfg = finetune_schedule(cfg, steps_for(cfg, batches, n_tokens))

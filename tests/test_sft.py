@@ -185,17 +185,18 @@ def test_step_loss_and_gradients_are_token_weighted_whatever_the_micro_batch_spl
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_weight_tokens_like_one_process(base_run, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, lora", [("ddp", []), ("fsdp", []), ("fsdp", ["--lora", "lora.dropout=0"])],
+                         ids=["ddp", "fsdp", "fsdp-lora"])
+def test_two_processes_weight_tokens_like_one_process(base_run, tmp_path, strategy, lora):
     """Across ranks too: rank 0 gets the 1-token answer, rank 1 the long one; the step's loss
     and gradient norm are those of one process holding both, with whole (DDP) or sharded
-    (FSDP) weights."""
+    (FSDP) weights, and with LoRA adapters beside a sharded frozen base."""
     import sys
 
     data = write_jsonl(tmp_path / "two.jsonl", short_and_long_answers())
     common = ["--base", str(base_run), "--data", data, "--mode", "pad", "train.max_steps=1",
               "sft.val_fraction=0", "train.grad_clip=0", "train.device=cpu", "train.precision=fp32",
-              "train.log_every=1", "train.sample_prompts=[]", "model.dropout=0"]
+              "train.log_every=1", "train.sample_prompts=[]", "model.dropout=0", *lora]
     one = run_cli("sft", *common, "-o", str(tmp_path / "one"), "train.batch_size=2")
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
@@ -209,6 +210,13 @@ def test_two_processes_weight_tokens_like_one_process(base_run, tmp_path, strate
     assert a["tokens"] == b["tokens"] == 24
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    if lora:  # the adapter the sharded run wrote is the one process's
+        from safetensors.torch import load_file
+
+        x, y = (load_file(str(tmp_path / r / "adapter_model.safetensors")) for r in ("one", "two"))
+        assert x.keys() == y.keys() and len(x) > 0
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def run_cli(*args, input=None):
@@ -432,3 +440,35 @@ def test_packed_attention_uses_flex_on_cuda_without_dropout_and_refuses_flex_els
     cfg.sft.mode, cfg.sft.packed_attention = "pack", "flex"
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         use_block_mask(cfg, cpu)
+
+
+def test_fsdp_lora_run_resumes_to_the_uninterrupted_adapter(base_run, tmp_path):
+    """A sharded LoRA run checkpoints only the adapters and their optimizer state (the frozen
+    base is the base run's); stopping after 2 steps and resuming to 4 gives the adapter of 4
+    steps straight (a constant rate, so the schedule does not depend on where the run stopped)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "greet.jsonl", greeting_conversations(16))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "babyllama.cli", "sft"]
+    common = ["--base", str(base_run), "--data", data, "--lora", "train.strategy=fsdp", "train.device=cpu",
+              "train.precision=fp32", "train.schedule=constant", "train.warmup_steps=0", "train.batch_size=2",
+              "train.save_every=2", "sft.val_fraction=0", "train.sample_prompts=[]", "lora.dropout=0"]
+
+    def run(*args):
+        r = subprocess.run(torchrun + list(args), env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run(*common, "-o", str(tmp_path / "straight"), "train.max_steps=4")
+    run(*common, "-o", str(tmp_path / "stopped"), "train.max_steps=2")
+    run("--resume", "-o", str(tmp_path / "stopped"), "train.max_steps=4")
+    a, b = (load_file(str(tmp_path / r / "adapter_model.safetensors")) for r in ("straight", "stopped"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(tmp_path / "stopped" / "resume" / "dcp")).read_metadata().state_dict_metadata
+    assert any("lora_A" in k for k in saved) and not any("base_layer" in k for k in saved)

@@ -358,16 +358,17 @@ FSDP_STAGES = ("pretrain", "sft")
 
 
 def fsdp_problems(cfg: "RunConfig") -> list[str]:
-    """What train.strategy=fsdp cannot run: stages other than pretraining and SFT, LoRA/QLoRA
-    (peft's frozen base and 4-bit weights are not sharded here), fp16-mixed (torch's loss scaler
+    """What train.strategy=fsdp cannot run: stages other than pretraining and SFT, QLoRA
+    (bitsandbytes' 4-bit weights are not DTensors FSDP can shard), fp16-mixed (torch's loss scaler
     does not unscale sharded gradients) and optimizers that need whole tensors (Muon
     orthogonalises each whole matrix; bitsandbytes' 8-bit AdamW keeps plain tensors)."""
     out, t = [], cfg.train
     if cfg.stage not in FSDP_STAGES:
         out.append(f"train.strategy=fsdp covers {' and '.join(FSDP_STAGES)}; the {cfg.stage} stage "
                    "trains with ddp")
-    if cfg.lora.enabled:
-        out.append("train.strategy=fsdp: LoRA/QLoRA runs train with ddp (their frozen base is not sharded)")
+    if cfg.lora.qlora:
+        out.append("train.strategy=fsdp: QLoRA's 4-bit base (bitsandbytes) cannot be sharded; "
+                   "use LoRA (without --qlora) or train.strategy=ddp")
     if t.precision == "fp16-mixed":
         out.append("train.strategy=fsdp: fp16-mixed needs a loss scaler for sharded gradients; "
                    "use bf16-mixed or fp32, or train.strategy=ddp")

@@ -191,25 +191,29 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def adapter_state(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's saved names (no adapter name, no base weights)."""
+def adapter_state(model, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's saved names (no adapter name, no base weights), taken
+    from `model` or from `state_dict` (the wrapped model's state, e.g. gathered from shards)."""
     from peft import get_peft_model_state_dict
 
     # save_embedding_layers=False: peft would otherwise store the whole embedding table next to
     # an embedding LoRA (for resized vocabularies); ours never resizes, so the base has it.
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name,
+                                      save_embedding_layers=False)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_adapter(model, directory: str | Path, base_dir: str | Path | None = None) -> None:
+def save_adapter(model, directory: str | Path, base_dir: str | Path | None = None,
+                 state_dict: dict | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as peft's `save_pretrained`
-    would, each atomically. `base_dir` (the base run) goes into base_model_name_or_path."""
+    would, each atomically. `base_dir` (the base run) goes into base_model_name_or_path;
+    `state_dict`: the wrapped model's state to take the adapter from (default: its own)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
-        save_file(adapter_state(model), str(tmp), metadata={"format": "pt"})
+        save_file(adapter_state(model, state_dict=state_dict), str(tmp), metadata={"format": "pt"})
     config = model.peft_config["default"]
     d = config.to_dict()
     d["base_model_name_or_path"] = str(base_dir) if base_dir is not None else None

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from babyllama.atomic import atomic_path
+from babyllama.lora import is_adapter_model, save_adapter
 from babyllama.model.weights import load_weights, save_weights  # noqa: F401  (see below)
 from babyllama.run import RESUME, TRAINER_STATE, WEIGHTS, Run
 from babyllama.textfile import read_json
-from babyllama.train.fsdp import DCP_DIR, load_sharded, save_sharded, unsharded_copy
+from babyllama.train.fsdp import DCP_DIR, full_state_dict, load_sharded, save_sharded, unsharded_copy
 
 # Weight files moved to babyllama.model.weights (below train/, where the API and the exporters
 # can use them); save_weights and load_weights stay importable from here for scripts written
@@ -56,9 +57,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_sharded_resume(run_dir: Path, model, optimizer, trainer_state: dict, rank: int) -> None:
     """The resume state of an FSDP run (train/fsdp.py), written by every rank together: the
-    sharded model and optimizer states (DCP), each rank's RNG states, and the whole weights
-    (rank 0) so the run reads as any other; trainer_state last, as for `save_resume`. A
-    collective: every rank calls it at the same step."""
+    sharded model and optimizer states (DCP), each rank's RNG states, and the whole weights (a
+    LoRA run: its adapter) on rank 0 so the run reads as any other; trainer_state last, as for
+    `save_resume`. A collective: every rank calls it at the same step."""
     run = Run(run_dir)
     tmp = run.path / f"{RESUME}.tmp"
     if rank == 0:
@@ -67,10 +68,18 @@ def save_sharded_resume(run_dir: Path, model, optimizer, trainer_state: dict, ra
     save_sharded(tmp / DCP_DIR, model, optimizer)
     with atomic_path(tmp / f"rng-{rank}.pt") as p:
         torch.save(rng_state(), p)
-    whole = unsharded_copy(model, torch.device("cpu"))
+    if is_adapter_model(model):  # a LoRA run's weights are its adapter's
+        adapter = full_state_dict(model, trainable_only=True)
+        if rank == 0:
+            # peft names the wrapped model's tensors from the wrapper, two levels above our Llama.
+            save_adapter(model, tmp, trainer_state.get("base"),
+                         state_dict={f"base_model.model.{k}": v for k, v in adapter.items()})
+    else:
+        whole = unsharded_copy(model, torch.device("cpu"))
+        if rank == 0:
+            save_weights(whole, tmp / WEIGHTS)
     dist.barrier()  # every rank's files are written
     if rank == 0:
-        save_weights(whole, tmp / WEIGHTS)
         run.finish_resume(tmp, trainer_state)
 
 

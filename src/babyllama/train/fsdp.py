@@ -21,6 +21,7 @@ weights at every checkpoint, so every other command reads an FSDP run as any oth
 from __future__ import annotations
 
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from babyllama.errors import UserError
+from babyllama.lora import is_adapter_model
 from babyllama.model.llama import DecoderLayer, Llama
 
 DCP_DIR = "dcp"  # inside resume/: the sharded model and optimizer states
@@ -55,51 +57,74 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def sharded_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module `shard_model` makes FSDP's root: our Llama, also under a LoRA (peft) wrapper,
+    whose forward calls it."""
+    return model.get_base_model() if is_adapter_model(model) else model
+
+
 def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """Shard `model` in place, each DecoderLayer a unit and the rest the root; returns it.
-    The model must already be on its device (and in bf16 for bf16-true)."""
+    The model must already be on its device (and in bf16 for bf16-true). Under LoRA the
+    frozen base weights are sharded with the adapters beside them (FSDP2 keeps a unit's frozen
+    and trainable parameters apart: only the adapters get gradients and optimizer states)."""
     policy = mixed_precision_policy(precision)
-    for module in model.modules():
+    root = sharded_root(model)
+    for module in root.modules():
         if isinstance(module, DecoderLayer):
             fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
     # Evaluation scores positions through `hidden_states` and the LM head rather than forward
     # (eval/scoring.py): FSDP must gather the root's weights for that call too.
-    register_fsdp_forward_method(model, "hidden_states")
+    register_fsdp_forward_method(root, "hidden_states")
     return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    return isinstance(sharded_root(model), FSDPModule)
 
 
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """FSDP's counterpart of DDP's `no_sync`: with `sync` False the backward keeps unsharded
     gradients and skips the reduce-scatter (accumulation's micro-steps but the last)."""
-    model.set_requires_gradient_sync(sync)
+    sharded_root(model).set_requires_gradient_sync(sync)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole weights on CPU, on rank 0 (other ranks get {}). A collective: every rank must
-    call it at the same point."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def state_options(model: torch.nn.Module, **kwargs) -> StateDictOptions:
+    """A LoRA run's states leave out the frozen base (it is the base run's weights, which the
+    run loads again on resume): its checkpoints are the adapters' size."""
+    frozen_out = is_adapter_model(model)
+    return StateDictOptions(ignore_frozen_params=frozen_out, strict=not frozen_out, **kwargs)
+
+
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole weights (`trainable_only`: the adapters') on CPU, on rank 0, named as in
+    `sharded_root(model)`; other ranks get {}. A collective: every rank must call it at the
+    same point."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(sharded_root(model), options=options)
 
 
 def unsharded_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
-    """A plain (unsharded) copy of `model` on `device` on rank 0, for what only the main process
-    runs (samples, evaluation tasks); None on the other ranks. A collective."""
+    """A plain (unsharded) copy of `model` (LoRA: with its adapters) on `device` on rank 0, for
+    what only the main process runs (samples, evaluation tasks); None on the other ranks. A
+    collective."""
     state = full_state_dict(model)
     if dist.get_rank() != 0:
         return None
-    copy = Llama(model.config)
-    copy.load_state_dict(state)
+    copy = Llama(sharded_root(model).config)
+    if is_adapter_model(model):
+        import peft  # only LoRA runs get here, and they have peft
+
+        copy = peft.get_peft_model(copy, deepcopy(model.peft_config["default"]))
+    sharded_root(copy).load_state_dict(state)
     return copy.to(device).eval()
 
 
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
     """Every rank writes its shards of the model and optimizer states into `directory` (which
     all ranks must see: one machine, or a shared file system)."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(sharded_root(model), optimizer, options=state_options(model))
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
 
 
@@ -109,10 +134,12 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
     if not (directory / ".metadata").exists():
         raise UserError(f"{directory.parent}: this resume state was not saved with train.strategy=fsdp; "
                         "resume with the strategy it was trained with")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    root, options = sharded_root(model), state_options(model)
+    model_state, optimizer_state = get_state_dict(root, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=directory)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
 
 
 def consolidate(directory: Path, model: torch.nn.Module) -> torch.nn.Module:

@@ -149,6 +149,10 @@ def cmd_stage(args) -> None:
         from babyllama.train.grpo import run_grpo
 
         run_dir = run_grpo(cfg, resume=args.resume, eval_data=args.eval_data, eval_limit=args.eval_limit)
+    from babyllama.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: one summary, not one per process
+        return
     print(f"run directory: {run_dir}")
     if args.stage == "reward":
         print(f"score pairs:   babyllama score {run_dir} --data PAIRS")

@@ -49,6 +49,10 @@ def cmd_pretrain(args) -> None:
 
     cfg = build_config(args)
     run_dir = run_pretrain(cfg, resume=args.resume)
+    from babyllama.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: one summary, not one per process
+        return
     from babyllama.run import LOSS_PLOT, METRICS, SAMPLES, WEIGHTS
 
     print(f"run directory: {run_dir}  ({WEIGHTS}, {METRICS}, {LOSS_PLOT}, {SAMPLES})")

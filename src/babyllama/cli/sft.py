@@ -60,6 +60,10 @@ def cmd_sft(args) -> None:
             raise UserError("pass --base RUN (the pretrained run to fine-tune)")
         cfg = sft_config(args.base, sft_overrides(args, parse_overrides(args.overrides)))
     run_dir = run_sft(cfg, resume=args.resume)
+    from babyllama.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: one summary, not one per process
+        return
     weights = f"{ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}" if cfg.lora.enabled else WEIGHTS
     print(f"run directory: {run_dir}  ({weights}, {METRICS}, {LOSS_PLOT}, {SAMPLES})")
     print(f"talk to it:    babyllama chat {run_dir}")

@@ -108,6 +108,10 @@ def cmd_stage(args) -> None:
                                     for s in values["sft"]["sources"]]
     cfg = stage_config(args, values, "the language-model or image-text run")
     run_dir = run_vision_stage(cfg, resume=args.resume)
+    from babyllama.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: one summary, not one per process
+        return
     print(f"run directory: {run_dir}")
     print(f"ask about a picture: babyllama chat {run_dir} --image PICTURE.png")
 

@@ -33,6 +33,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process: the one that prints a command's summary."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     # torchrun sets these four; RANK/WORLD_SIZE alone may be a cluster's own variables.
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))

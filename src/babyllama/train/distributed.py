@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from babyllama.device import pick_device
+from babyllama.train.fsdp import check_launched
 
 
 @dataclass
@@ -38,11 +39,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+def init_distributed(device_name: str = "auto", strategy: str = "ddp") -> tuple[DistInfo, torch.device]:
+    """This process's rank and device, with the process group set up under torchrun. Raises
+    UserError at once for train.strategy=fsdp without torchrun (before any data is read)."""
     # torchrun sets these four; RANK/WORLD_SIZE alone may be a cluster's own variables.
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)), launched)
+    check_launched(strategy, launched)
     device = pick_device(device_name, info.local_rank)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -53,7 +53,7 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     # Saved absolute, so `--resume` works from any working directory.
     cfg = copy_config(cfg, data=str(Path(cfg.data).resolve()),
                       tokenizer=str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "")
-    info, device = init_distributed(cfg.train.device)
+    info, device = init_distributed(cfg.train.device, cfg.train.strategy)
     try:
         shards = TokenShards(cfg.data, "train")  # first: a missing dataset is the likelier mistake
         tokenizer = Tokenizer.load(find_tokenizer(cfg))

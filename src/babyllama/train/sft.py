@@ -251,7 +251,7 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> Path:
     cfg = copy_config(cfg)  # finetune_tokenizer records the template it chose in cfg.sft
     run, base = start_finetune(cfg, resume)
     t = cfg.train
-    info, device = init_distributed(t.device)
+    info, device = init_distributed(t.device, t.strategy)
     try:
         tokenizer = finetune_tokenizer(cfg, base)
 

@@ -130,6 +130,19 @@ def test_bf16_autocast_keeps_rope_and_norm_in_fp32_and_stays_close():
     assert (low.float() - ref).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_tables_stay_fp32_when_the_weights_move_to_half_precision(dtype):
+    """bf16-true training and half-precision loading convert the whole model; the rotation
+    tables must keep their fp32 values (apply_rope rotates in fp32 for far positions' angles)."""
+    model = Llama(tiny_config())
+    cos, sin = model.rope_cos.clone(), model.rope_sin.clone()
+    model.to(dtype)
+    assert model.lm_head.weight.dtype == dtype
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    assert "rope_cos" not in model.state_dict()  # still a non-persistent buffer
+
+
 def test_ignored_targets_do_not_count_in_the_loss():
     torch.manual_seed(0)
     model = Llama(tiny_config())

@@ -392,6 +392,17 @@ class Llama(nn.Module):
                 nn.init.normal_(p, mean=0.0,
                                 std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` (bf16-true training, half-precision loading) would round
+        # the RoPE tables too, and apply_rope rotates in fp32 precisely so that far positions
+        # keep their angles: the tables are rebuilt in fp32 on the new device instead.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
+            c = self.config
+            cos, sin = rope_tables(c.head_size, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)

@@ -14,7 +14,7 @@ PIN := --constraint constraints.txt --build-constraint build-constraints.txt
 # 2 cores, cached as a wheel for later installs. Its image-model library (mtmd) is left out.
 LLAMA_CPP_BUILD := CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc)
 
-.PHONY: demo test install bench pins clean
+.PHONY: demo test install bench gpu-check pins clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt build-constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: $(VENV)/.installed-llamacpp
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
+
+# One GPU session's checks and measurements (precisions, MFU, memory, packed SFT attention,
+# decoding, QLoRA, torchrun DDP/FSDP, the demo) as one README table; ~8 minutes on an H200.
+# `python benchmarks/gpu_check.py --dry-run` runs the same code on CPU in under a minute.
+gpu-check: $(VENV)/.installed
+	$(BIN)/python benchmarks/gpu_check.py
 
 # A fresh venv with the newest releases pyproject.toml allows, the whole suite on it, and only
 # if it passes, its versions written to constraints.txt and build-constraints.txt.

@@ -47,7 +47,8 @@ def ours_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list
     return decoder.tokens
 
 
-def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, device="cpu") -> list[list[int]]:
+    """transformers' greedy generate of exactly `new_tokens` tokens after left-padded prompts."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -55,7 +56,7 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
     with torch.inference_mode():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[:, width:].tolist()
 

@@ -66,7 +66,8 @@ class TrainConfig:
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 200           # 0 disables periodic evaluation (the final one still runs)
-    eval_batches: int = 20
+    eval_batches: int = 20          # pretraining's held-out windows: this many global batches
+                                    # (batch_size x processes windows each)
     # Evaluation tasks run at each evaluation (main process), as `babyllama eval` runs them:
     # e.g. [{task: choice, data: path/to/cmmlu, limit: 5}, {task: generation, data: prompts.txt}]
     eval_tasks: list[dict] = field(default_factory=list)
@@ -365,7 +366,7 @@ def fsdp_problems(cfg: "RunConfig") -> list[str]:
     out, t = [], cfg.train
     if cfg.stage not in FSDP_STAGES:
         out.append(f"train.strategy=fsdp covers {' and '.join(FSDP_STAGES)}; the {cfg.stage} stage "
-                   "trains with ddp")
+                   "trains with ddp (its reference model, reward head or generation is not sharded)")
     if cfg.lora.qlora:
         out.append("train.strategy=fsdp: QLoRA's 4-bit base (bitsandbytes) cannot be sharded; "
                    "use LoRA (without --qlora) or train.strategy=ddp")
@@ -508,8 +509,10 @@ SFT_SAMPLE_PROMPTS = ("你好，你是谁？", "你喜欢什么书？", "给我�
 # What may change when a run resumes: its length and how often it logs. Everything else (the
 # model, the data, the schedule's shape) is the run's and would make the resumed run a
 # different one.
+# eval_tasks and sample_prompts change only what is measured, not what is trained (and a task
+# whose data went missing would otherwise stop every resume at its final evaluation).
 RESUME_KEYS = {"train": {"max_steps", "eval_every", "sample_every", "save_every", "log_every",
-                         "device"}}
+                         "device", "eval_tasks", "sample_prompts", "sample_max_new_tokens"}}
 
 
 def dotted_keys(values: dict, prefix: str = "") -> set[str]:
@@ -670,7 +673,7 @@ def resume_config(saved: RunConfig, overrides: list[str] | dict | None, out_dir:
                 continue
             if dotted_get(cfg, key) != dotted_get(saved, key):
                 raise UserError(f"command line: {key} cannot change when resuming (only "
-                                "train.max_steps and logging intervals can)")
+                                "train.max_steps, logging intervals, evaluation tasks and samples can)")
         cfg.user_keys = frozenset(dotted_keys(values))
     check(cfg)
     return cfg

@@ -44,7 +44,8 @@ def check_launched(strategy: str, launched: bool) -> None:
     if strategy == "fsdp" and not launched:
         raise UserError("train.strategy=fsdp shards the model across the processes torchrun starts; "
                         "this is a single process, with nothing to shard: run it under "
-                        "`torchrun --nproc_per_node N -m babyllama.cli ...`, or leave train.strategy at ddp")
+                        "`torchrun --nproc_per_node N -m babyllama.cli ...` (N=1 works too, and resumes "
+                        "an FSDP run on one device); a new run may leave train.strategy at ddp")
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -118,7 +119,9 @@ def unsharded_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Mod
 
         copy = peft.get_peft_model(copy, deepcopy(model.peft_config["default"]))
     sharded_root(copy).load_state_dict(state)
-    return copy.to(device).eval()
+    # In the sharded weights' dtype (bf16-true keeps bf16, as a single process saves it).
+    dtype = next(p.dtype for p in sharded_root(model).parameters() if p.is_floating_point())
+    return copy.to(device=device, dtype=dtype).eval()
 
 
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
@@ -148,6 +151,10 @@ def consolidate(directory: Path, model: torch.nn.Module) -> torch.nn.Module:
     directory holds no such checkpoint."""
     if not (Path(directory) / ".metadata").exists():
         raise UserError(f"{directory}: not a distributed checkpoint (no .metadata)")
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    if not any(k.startswith("model.") and "lora_" not in k and "embed_tokens" in k for k in saved):
+        raise UserError(f"{directory}: holds a LoRA run's adapters only (its base is the base run's "
+                        "weights); the run's adapter files are already its consolidated form")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

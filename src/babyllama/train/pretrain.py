@@ -79,7 +79,8 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         # (missing shard, wrong size) raises like the train split does.
         if shards.meta["splits"].get("val", {}).get("n_tokens", 0) > t.seq_len + 1:
             val = TokenShards(cfg.data, "val")
-            windows = validation_windows(val, t.seq_len, t.eval_batches * t.batch_size)
+            # Global batches: the same windows however the batch is split into processes.
+            windows = validation_windows(val, t.seq_len, t.eval_batches * t.batch_size * info.world_size)
             eval_set = EvalSet.from_windows(windows, t.batch_size, tokenizer)
         if eval_set is None and info.is_main:
             print("note: no usable validation split; periodic evaluation is off")

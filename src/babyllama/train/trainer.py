@@ -506,7 +506,7 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int, elapse
     on every rank); every rank then waits at a barrier, so none runs ahead of a checkpoint
     that is still being written."""
     state = {"step": done, "tokens": tokens_seen, "max_steps": s.cfg.train.max_steps,
-             "elapsed_s": round(elapsed_s, 3)}
+             "elapsed_s": round(elapsed_s, 3), "world_size": s.info.world_size}
     if s.cfg.stage in FINETUNE_STAGES:
         state["base"] = s.cfg.sft.base  # a LoRA adapter names the run it belongs on
     if is_sharded(s.model):
@@ -517,6 +517,17 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int, elapse
         write_checkpoint(run, s.model, s.optimizer, s.scaler, state)
     if s.info.enabled:
         torch.distributed.barrier()
+
+
+def note_world_size_change(saved: int, info: DistInfo, t: TrainConfig) -> None:
+    """Say so (main process) when a run resumes on another number of processes: the weights
+    and optimizer state carry over (DCP reshards an FSDP run), but train.batch_size is per
+    process, so the global batch changes with the count."""
+    if saved != info.world_size and info.is_main:
+        per_step = t.batch_size * t.grad_accum
+        print(f"note: resuming on {info.world_size} process(es); the run was saved from {saved}: a step now "
+              f"takes {per_step * info.world_size} sequences instead of {per_step * saved} "
+              "(train.batch_size is per process)", file=sys.stderr)
 
 
 class TrainClock:
@@ -577,6 +588,7 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     if resume:  # before DDP wraps the model: DDP broadcasts rank 0's weights as it starts
         state = load_checkpoint(run, model, optimizer, scaler, info.rank)
         start_step, tokens_seen = state["step"], state["tokens"]
+        note_world_size_change(state.get("world_size", info.world_size), info, t)
         spent_s = state.get("elapsed_s", 0.0)  # states saved before time budgets have none
     # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
     tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage in CHAT_STAGES, progress=False)

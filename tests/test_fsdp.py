@@ -229,3 +229,10 @@ def test_resuming_on_another_number_of_processes_says_the_global_batch_changed(c
     assert capsys.readouterr().err == ""
     note_world_size_change(2, DistInfo(0, 1, 0, True), t)
     assert "a step now takes 6 sequences instead of 12" in capsys.readouterr().err
+
+
+def test_a_bf16_true_fsdp_run_saves_bf16_weights_as_one_process_does(tiny_data, tmp_path):
+    r = run(torchrun(2) + pretrain(tiny_data, tmp_path / "r", 2, "train.strategy=fsdp", "train.precision=bf16-true",
+                                   "train.max_steps=1", "train.eval_every=0", "train.sample_prompts=[]"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {v.dtype for v in load_file(str(tmp_path / "r" / "model.safetensors")).values()} == {torch.bfloat16}

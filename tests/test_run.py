@@ -94,6 +94,9 @@ def test_resume_allows_only_length_and_intervals_to_change():
     assert saved.train.max_steps != 50 and saved.out_dir != "elsewhere"
     with pytest.raises(UserError, match="train.lr cannot change when resuming"):
         resume_config(saved, ["train.lr=1"], "x")
+    # What is measured may change (a task whose data went missing must not block every resume).
+    cfg = resume_config(saved, ["train.eval_tasks=[]", "train.sample_prompts=[你好]"], "x")
+    assert cfg.train.eval_tasks == [] and cfg.train.sample_prompts == ["你好"]
 
 
 def test_resume_accepts_restated_settings_and_refuses_changed_ones():

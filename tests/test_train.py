@@ -345,3 +345,11 @@ def test_muon_trains_and_resumes_to_the_uninterrupted_weights(tiny_data, tmp_pat
     b = load_file(str(tmp_path / "halves" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_an_evaluation_task_on_missing_data_is_refused_before_the_first_step(tiny_data, tmp_path):
+    out = tmp_path / "r"
+    r = run_cli(pretrain_args(tiny_data, out, 5, ["train.eval_tasks=[{task: lm, data: nothere.txt}]"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train.eval_tasks[0]: lm: nothere.txt: no such file or folder" in r.stderr
+    assert not (out / "resume").exists()  # refused before training, not at its first evaluation

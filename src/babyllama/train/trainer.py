@@ -519,6 +519,15 @@ def save_checkpoint(s: TrainSetup, run: Run, done: int, tokens_seen: int, elapse
         torch.distributed.barrier()
 
 
+def check_task_data(data, source: str) -> None:
+    """Raise UserError when an evaluation task's data path does not exist (checked when training
+    starts, not at the first evaluation, hours later); builtin:NAME and `file#split` pass."""
+    if not isinstance(data, str) or data.startswith("builtin:"):
+        return
+    if not Path(data).exists() and not ("#" in data and Path(data.rsplit("#", 1)[0]).exists()):
+        raise UserError(f"{source}: {data}: no such file or folder")
+
+
 def note_world_size_change(saved: int, info: DistInfo, t: TrainConfig) -> None:
     """Say so (main process) when a run resumes on another number of processes: the weights
     and optimizer state carry over (DCP reshards an FSDP run), but train.batch_size is per
@@ -593,6 +602,8 @@ def train(cfg: RunConfig, model: torch.nn.Module, tokenizer, train_data: TrainDa
     # Built before the first step, so a mistake in train.eval_tasks stops the run at once.
     tasks = [task_options(spec, f"train.eval_tasks[{i}]", chat=cfg.stage in CHAT_STAGES, progress=False)
              for i, spec in enumerate(t.eval_tasks)] if info.is_main else []
+    for i, (name, options) in enumerate(tasks):
+        check_task_data(options.data, f"train.eval_tasks[{i}]: {name}")
     forward_model, ddp_model = wrap_model(model, device, info, compile_model=t.compile)
     s = TrainSetup(cfg, model, forward_model, ddp_model, optimizer, scaler, precision, device, info)
 

@@ -408,10 +408,15 @@ class Run:
             torch.save(optimizer_state, p)
         self.finish_resume(tmp, trainer_state)
 
+    @property
+    def resume_staging_dir(self) -> Path:
+        """Where the next resume state is written before `finish_resume` swaps it in."""
+        return self.path / f"{RESUME}.tmp"
+
     def start_resume(self) -> Path:
-        """An empty staging directory for the next resume state (resume.tmp/); what a trainer
-        writes there becomes resume/ at `finish_resume`."""
-        tmp = self.path / f"{RESUME}.tmp"
+        """An empty staging directory for the next resume state (`resume_staging_dir`); what a
+        trainer writes there becomes resume/ at `finish_resume`."""
+        tmp = self.resume_staging_dir
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from babyllama.atomic import atomic_path
 from babyllama.lora import is_adapter_model, save_adapter
 from babyllama.model.weights import load_weights, save_weights  # noqa: F401  (see below)
-from babyllama.run import RESUME, TRAINER_STATE, WEIGHTS, Run
+from babyllama.run import TRAINER_STATE, WEIGHTS, Run
 from babyllama.textfile import read_json
 from babyllama.train.fsdp import DCP_DIR, full_state_dict, load_sharded, save_sharded, unsharded_copy
 
@@ -61,7 +61,7 @@ def save_sharded_resume(run_dir: Path, model, optimizer, trainer_state: dict, ra
     LoRA run: its adapter) on rank 0 so the run reads as any other; trainer_state last, as for
     `save_resume`. A collective: every rank calls it at the same step."""
     run = Run(run_dir)
-    tmp = run.path / f"{RESUME}.tmp"
+    tmp = run.resume_staging_dir
     if rank == 0:
         run.start_resume()
     dist.barrier()  # the staging directory exists before any rank writes into it
